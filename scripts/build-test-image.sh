@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Builds the integration-test image as an OCI image-layout tar, from local parts only (no registry):
+# a rootfs with Debian's static busybox (package busybox-static) and a symlink per applet in /bin,
+# /tmp, /etc/passwd and /etc/group for root. One gzip layer, a linux/amd64 config with Cmd ["/bin/sh"],
+# a manifest and an index.json whose annotations name the image.
+#
+#   usage: scripts/build-test-image.sh [OUTPUT.tar]      (default: target/test-image/shimtest.tar)
+#
+# Load it with `ctr -n NS images import OUTPUT.tar`; containerd 2.1 then names the image
+#   docker.io/library/shimtest:latest
+# (taken from the `io.containerd.image.name` annotation of the index entry).
+#
+# Reproducible: fixed mtimes (SOURCE_DATE_EPOCH, default 0), sorted entries, numeric root owner,
+# `gzip -n`; the same busybox gives the same digests. Idempotent and fast: when OUTPUT exists and
+# its stamp (hash of this script + the busybox binary) matches, nothing is done. Safe to run
+# concurrently (flock on OUTPUT.lock; the tar is written to a temp file and renamed).
+set -euo pipefail
+
+IMAGE_NAME="docker.io/library/shimtest:latest"
+IMAGE_TAG="latest"
+BUSYBOX="${BUSYBOX:-/bin/busybox}"
+EPOCH="${SOURCE_DATE_EPOCH:-0}"
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+out="${1:-$root/target/test-image/shimtest.tar}"
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+
+die() { echo "build-test-image: $*" >&2; exit 1; }
+[ -x "$BUSYBOX" ] || die "$BUSYBOX not found: install Debian's busybox-static (scripts/install-deps.sh)"
+file_ok=$(LC_ALL=C od -An -tx1 -N4 "$BUSYBOX" | tr -d ' \n')
+[ "$file_ok" = "7f454c46" ] || die "$BUSYBOX is not an ELF binary"
+for t in tar gzip sha256sum flock; do command -v "$t" >/dev/null || die "$t is required"; done
+
+mkdir -p "$(dirname "$out")"
+exec 9>"$out.lock"
+flock 9
+
+stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$BUSYBOX" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$out" ] && [ -f "$out.stamp" ] && [ "$(cat "$out.stamp")" = "$stamp_want" ]; then
+  echo "build-test-image: $out is up to date ($IMAGE_NAME)"
+  exit 0
+fi
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/shimtest-image.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+# --- rootfs -----------------------------------------------------------------------------------
+rootfs="$work/rootfs"
+mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,root,proc,sys,dev,run,var/tmp}
+chmod 1777 "$rootfs/tmp" "$rootfs/var/tmp"
+chmod 0700 "$rootfs/root"
+cp "$BUSYBOX" "$rootfs/bin/busybox"
+chmod 0755 "$rootfs/bin/busybox"
+# Every applet as a relative symlink in /bin (PATH of the image covers /bin).
+n=0
+while IFS= read -r applet; do
+  [ -n "$applet" ] && [ "$applet" != busybox ] || continue
+  ln -sf busybox "$rootfs/bin/$applet"
+  n=$((n + 1))
+done < <("$BUSYBOX" --list)
+[ "$n" -gt 50 ] || die "busybox --list gave only $n applets"
+for a in sh sleep cat echo ls true false; do
+  [ -L "$rootfs/bin/$a" ] || die "applet $a missing from $BUSYBOX"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+printf 'shimtest\n' >"$rootfs/etc/hostname"
+: >"$rootfs/etc/hosts"
+: >"$rootfs/etc/resolv.conf"
+chmod 0644 "$rootfs"/etc/*
+
+# --- layer ------------------------------------------------------------------------------------
+layer_tar="$work/layer.tar"
+tar --create --file "$layer_tar" --directory "$rootfs" \
+  --sort=name --format=gnu --numeric-owner --owner=0 --group=0 \
+  --mtime="@$EPOCH" --no-acls --no-xattrs --no-selinux \
+  .
+diff_id=$(sha256sum "$layer_tar" | cut -d' ' -f1)
+gzip -n -6 -c "$layer_tar" >"$work/layer.tar.gz"
+
+# --- OCI layout ---------------------------------------------------------------------------------
+layout="$work/layout"
+blobs="$layout/blobs/sha256"
+mkdir -p "$blobs"
+
+# add_blob FILE -> prints "DIGEST SIZE", moves FILE into blobs/
+add_blob() {
+  local d s
+  d=$(sha256sum "$1" | cut -d' ' -f1)
+  s=$(stat -c %s "$1")
+  mv "$1" "$blobs/$d"
+  echo "$d $s"
+}
+
+read -r layer_digest layer_size < <(add_blob "$work/layer.tar.gz")
+
+created=$(date -u -d "@$EPOCH" +%Y-%m-%dT%H:%M:%SZ)
+printf '%s' \
+  '{"architecture":"amd64","os":"linux","created":"'"$created"'",' \
+  '"config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],' \
+  '"Cmd":["/bin/sh"],"WorkingDir":"/"},' \
+  '"rootfs":{"type":"layers","diff_ids":["sha256:'"$diff_id"'"]},' \
+  '"history":[{"created":"'"$created"'","created_by":"scripts/build-test-image.sh (busybox-static)"}]}' \
+  >"$work/config.json"
+read -r config_digest config_size < <(add_blob "$work/config.json")
+
+printf '%s' \
+  '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
+  '"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config_digest"'","size":'"$config_size"'},' \
+  '"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer_digest"'","size":'"$layer_size"'}]}' \
+  >"$work/manifest.json"
+read -r manifest_digest manifest_size < <(add_blob "$work/manifest.json")
+
+printf '%s' \
+  '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[' \
+  '{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest_digest"'","size":'"$manifest_size"',' \
+  '"platform":{"architecture":"amd64","os":"linux"},' \
+  '"annotations":{"io.containerd.image.name":"'"$IMAGE_NAME"'","org.opencontainers.image.ref.name":"'"$IMAGE_TAG"'"}}]}' \
+  >"$layout/index.json"
+printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
+
+tmp_out="$out.tmp.$$"
+tar --create --file "$tmp_out" --directory "$layout" \
+  --sort=name --format=gnu --numeric-owner --owner=0 --group=0 --mtime="@$EPOCH" \
+  oci-layout index.json blobs
+mv -f "$tmp_out" "$out"
+echo "$stamp_want" >"$out.stamp"
+echo "build-test-image: wrote $out ($IMAGE_NAME, manifest sha256:$manifest_digest, $n applets)"

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Installs what building and testing containerd-shim-custom-v2 needs on a fresh Debian bookworm
+# machine: containerd 2.x (sid), runc, CRIU >= 4.1 built from Debian's source package, busybox-static,
+# protoc. Idempotent: each step checks first and says what it does.
+set -euo pipefail
+
+say() { echo "[deps] $*"; }
+need_root() { [ "$(id -u)" = 0 ] || { echo "[deps] must run as root" >&2; exit 1; }; }
+need_root
+
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+apt_update() {
+  if [ "$APT_UPDATED" = 0 ]; then say "apt-get update"; apt-get update -qq; APT_UPDATED=1; fi
+}
+
+# Sid and trixie are available at a low pin so that only packages named explicitly come from them.
+setup_sources() {
+  local f=/etc/apt/sources.list.d/shim-custom-extra.sources
+  if [ ! -f "$f" ]; then
+    say "adding trixie and sid sources (pinned low) in $f"
+    cat >"$f" <<'SRC'
+Types: deb deb-src
+URIs: http://deb.debian.org/debian
+Suites: trixie sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    cat >/etc/apt/preferences.d/shim-custom-extra <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+
+Package: *
+Pin: release n=sid
+Pin-Priority: 50
+PIN
+    APT_UPDATED=0
+  fi
+}
+
+install_pkgs() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "${p%%/*}" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_update
+    say "installing ${missing[*]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+containerd_ok() {
+  command -v containerd >/dev/null && containerd --version | grep -qE ' v?2\.'
+}
+
+setup_sources
+if ! containerd_ok; then
+  apt_update
+  say "installing containerd from sid"
+  apt-get install -y -qq --no-install-recommends containerd/sid >/dev/null
+fi
+say "containerd: $(containerd --version)"
+
+install_pkgs runc busybox-static protobuf-compiler iproute2 xz-utils dpkg-dev
+say "runc: $(runc --version | head -1)"
+
+CRIU_VERSION_MIN=4.1
+criu_ok() {
+  command -v criu >/dev/null || return 1
+  local v; v=$(criu --version 2>/dev/null | awk '/Version/{print $2}')
+  [ -n "$v" ] && [ "$(printf '%s\n%s\n' "$CRIU_VERSION_MIN" "$v" | sort -V | head -1)" = "$CRIU_VERSION_MIN" ]
+}
+
+if ! criu_ok; then
+  say "building CRIU >= $CRIU_VERSION_MIN from Debian's trixie source package"
+  install_pkgs build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
+    python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev pkg-config libnftables-dev \
+    libgnutls28-dev uuid-dev libaio-dev
+  apt_update
+  work=$(mktemp -d /tmp/criu-build.XXXXXX)
+  (
+    cd "$work"
+    apt-get source --download-only criu/trixie >/dev/null 2>&1 || true
+    orig=$(ls criu_*.orig.tar.* 2>/dev/null | head -1)
+    [ -n "$orig" ] || { echo "[deps] could not download CRIU source" >&2; exit 1; }
+    # The checksum comes from the signed Sources index (the .dsc itself may be missing upstream).
+    want=$(apt-cache showsrc criu 2>/dev/null | awk -v o="$orig" '/^Checksums-Sha256:/{f=1;next} f&&/^ /{if($3==o)print $1; next} {f=0}' | head -1)
+    got=$(sha256sum "$orig" | awk '{print $1}')
+    [ -n "$want" ] && [ "$want" = "$got" ] || { echo "[deps] checksum mismatch for $orig (want '$want', got $got)" >&2; exit 1; }
+    say "verified $orig ($got)"
+    tar xf "$orig"
+    cd criu-*/
+    make -j"$(nproc)" criu >build.log 2>&1 || { tail -30 build.log; exit 1; }
+    install -m 0755 criu/criu /usr/local/sbin/criu
+  )
+  rm -rf "$work"
+fi
+say "criu: $(criu --version | head -1)"
+criu check >/dev/null 2>&1 && say "criu check: looks good" || say "WARNING: 'criu check' reports problems: $(criu check 2>&1 | tail -1)"
+
+# containerd's Debian package may start a system containerd: the project never depends on it.
+say "done"

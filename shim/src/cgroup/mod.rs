@@ -1,0 +1,117 @@
+//! Where a process's cgroups are, and the freezer the checkpoint bracket holds.
+
+pub mod freezer;
+pub mod oom;
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+pub use freezer::{FreezeGuard, Freezer};
+
+/// The freezer of the cgroup `pid` is in: v1's freezer controller when it is
+/// mounted (runc puts containers there on hybrid hosts), else cgroup v2.
+pub fn freezer_of(pid: i32) -> Result<Freezer> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(Error::io(format!("read cgroups of pid {pid}")))?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read mountinfo"))?;
+    freezer_from(&text, &mounts)
+        .ok_or_else(|| Error::FailedPrecondition(format!("no freezer cgroup found for pid {pid}")))
+}
+
+fn freezer_from(proc_cgroup: &str, mountinfo: &str) -> Option<Freezer> {
+    let mut v2 = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "freezer") {
+            let mount = v1_mount(mountinfo, "freezer")?;
+            return Some(Freezer::V1(mount.join(rel)));
+        }
+        if controllers.is_empty() {
+            v2 = Some(rel.to_string());
+        }
+    }
+    let rel = v2?;
+    Some(Freezer::V2(cgroup2_mount_in(mountinfo)?.join(rel)))
+}
+
+/// The v1 hierarchy that carries `controller`, from mountinfo.
+fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        if post.next()? != "cgroup" {
+            return None;
+        }
+        let super_opts = post.nth(1)?;
+        super_opts
+            .split(',')
+            .any(|o| o == controller)
+            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap_or_default()))
+    })
+}
+
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap_or_default()))
+    })
+}
+
+/// Where cgroup2 is mounted on this host, if it is.
+#[cfg(test)]
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    cgroup2_mount_in(&mounts)
+}
+
+/// The v1 memory cgroup directory of `pid`, for OOM notifications.
+pub fn v1_memory_of(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let rel = text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, c, p) = (parts.next()?, parts.next()?, parts.next()?);
+        c.split(',')
+            .any(|c| c == "memory")
+            .then(|| p.trim_start_matches('/').to_string())
+    })?;
+    Some(v1_mount(&mounts, "memory")?.join(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_host_uses_v1_freezer() {
+        let cg = "6:freezer:/default/c1\n4:memory:/default/c1\n0::/\n";
+        assert_eq!(
+            freezer_from(cg, MOUNTINFO),
+            Some(Freezer::V1("/sys/fs/cgroup/freezer/default/c1".into()))
+        );
+    }
+
+    #[test]
+    fn unified_host_uses_v2() {
+        let cg = "0::/default/c1\n";
+        let mi = "41 31 0:38 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            freezer_from(cg, mi),
+            Some(Freezer::V2("/sys/fs/cgroup/default/c1".into()))
+        );
+        assert_eq!(
+            freezer_from("0::/x\n", MOUNTINFO),
+            Some(Freezer::V2("/sys/fs/cgroup/unified/x".into()))
+        );
+    }
+}

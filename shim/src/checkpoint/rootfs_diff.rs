@@ -1,0 +1,472 @@
+//! The container's file changes: captured from the overlay upperdir as
+//! `rootfs-diff.tar` + `deleted.files` (the names Podman and CRI-O use), and
+//! applied to a fresh rootfs without ever writing outside it.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs::{self, File},
+    io::{self, BufWriter},
+    os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt},
+    path::{Component, Path, PathBuf},
+};
+
+use tar::{Builder, EntryType, Header, HeaderMode};
+
+use super::layout::{DELETED_FILES, ROOTFS_DIFF};
+use crate::error::{Error, Result};
+
+/// What a capture wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiffStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub deleted: u64,
+}
+
+/// The upperdir and lowerdirs of the overlay mounted at `rootfs`.
+pub struct Overlay {
+    pub upper: PathBuf,
+    pub lowers: Vec<PathBuf>,
+}
+
+/// Reads the overlay options of the mount at `rootfs` from mountinfo.
+pub fn overlay_of(rootfs: &Path) -> Result<Overlay> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read mountinfo"))?;
+    let target = rootfs.to_string_lossy();
+    // The last mount on the path is the one in effect.
+    let line = mountinfo
+        .lines()
+        .filter(|l| l.split_whitespace().nth(4) == Some(&*target))
+        .last()
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!("rootfs {target} is not a mount point"))
+        })?;
+    let (_, post) = line
+        .split_once(" - ")
+        .ok_or_else(|| Error::Internal(format!("bad mountinfo line: {line}")))?;
+    let mut post = post.split_whitespace();
+    let fstype = post.next().unwrap_or_default();
+    let super_opts = post.nth(1).unwrap_or_default();
+    if fstype != "overlay" {
+        return Err(Error::FailedPrecondition(format!(
+            "rootfs {target} is {fstype}, not overlay: its changes cannot be captured"
+        )));
+    }
+    let mut upper = None;
+    let mut lowers = Vec::new();
+    for opt in super_opts.split(',') {
+        if let Some(u) = opt.strip_prefix("upperdir=") {
+            upper = Some(PathBuf::from(u));
+        } else if let Some(l) = opt.strip_prefix("lowerdir=") {
+            lowers.extend(l.split(':').map(PathBuf::from));
+        }
+    }
+    let upper = upper.ok_or_else(|| {
+        Error::FailedPrecondition(format!("rootfs {target} is a read-only overlay"))
+    })?;
+    Ok(Overlay { upper, lowers })
+}
+
+/// Writes the changes in `overlay.upper` into `dir`.
+pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
+    let tar_path = dir.join(ROOTFS_DIFF);
+    let out =
+        File::create(&tar_path).map_err(Error::io(format!("create {}", tar_path.display())))?;
+    let mut builder = Builder::new(BufWriter::with_capacity(1 << 20, out));
+    builder.mode(HeaderMode::Complete);
+    builder.follow_symlinks(false);
+    let mut state = Capture {
+        overlay,
+        builder,
+        links: HashMap::new(),
+        deleted: Vec::new(),
+        stats: DiffStats::default(),
+    };
+    state.walk(Path::new("")).map_err(Error::io(format!(
+        "capture rootfs diff from {}",
+        overlay.upper.display()
+    )))?;
+    let Capture {
+        mut builder,
+        deleted,
+        mut stats,
+        ..
+    } = state;
+    builder
+        .finish()
+        .and_then(|_| {
+            builder
+                .into_inner()?
+                .into_inner()
+                .map_err(|e| e.into_error())?
+                .sync_all()
+        })
+        .map_err(Error::io(format!("write {}", tar_path.display())))?;
+    stats.deleted = deleted.len() as u64;
+    let list = serde_json::to_vec(&deleted).map_err(Error::json("encode deleted files"))?;
+    let del_path = dir.join(DELETED_FILES);
+    fs::write(&del_path, list).map_err(Error::io(format!("write {}", del_path.display())))?;
+    Ok(stats)
+}
+
+struct Capture<'a> {
+    overlay: &'a Overlay,
+    builder: Builder<BufWriter<File>>,
+    /// First path seen for each (dev, inode) with more than one link.
+    links: HashMap<(u64, u64), PathBuf>,
+    deleted: Vec<String>,
+    stats: DiffStats,
+}
+
+impl Capture<'_> {
+    fn walk(&mut self, rel: &Path) -> io::Result<()> {
+        let dir = self.overlay.upper.join(rel);
+        let mut names: Vec<_> = fs::read_dir(&dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<_>>()?;
+        names.sort();
+        for name in names {
+            let rel = rel.join(&name);
+            let full = self.overlay.upper.join(&rel);
+            let meta = fs::symlink_metadata(&full)?;
+            let ft = meta.file_type();
+            if ft.is_char_device() && meta.rdev() == 0 {
+                // An overlay whiteout: the file is deleted.
+                self.deleted.push(format!("/{}", rel.display()));
+                continue;
+            }
+            if ft.is_dir() && is_opaque(&full) {
+                // The lower directory's contents are hidden: list them as deleted.
+                self.hide_lower_entries(&rel)?;
+            }
+            self.append(&rel, &full, &meta)?;
+            if ft.is_dir() {
+                self.walk(&rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn hide_lower_entries(&mut self, rel: &Path) -> io::Result<()> {
+        let upper = self.overlay.upper.join(rel);
+        for lower in &self.overlay.lowers {
+            let Ok(entries) = fs::read_dir(lower.join(rel)) else {
+                continue;
+            };
+            for e in entries {
+                let name = e?.file_name();
+                if fs::symlink_metadata(upper.join(&name)).is_err() {
+                    let path = format!("/{}", rel.join(&name).display());
+                    if !self.deleted.contains(&path) {
+                        self.deleted.push(path);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, rel: &Path, full: &Path, meta: &fs::Metadata) -> io::Result<()> {
+        self.append_xattrs(full)?;
+        let mut header = Header::new_gnu();
+        header.set_metadata_in_mode(meta, HeaderMode::Complete);
+        let ft = meta.file_type();
+        if ft.is_file() && meta.nlink() > 1 {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.links.get(&key) {
+                header.set_entry_type(EntryType::Link);
+                header.set_size(0);
+                self.builder.append_link(&mut header, rel, first)?;
+                self.stats.entries += 1;
+                return Ok(());
+            }
+            self.links.insert(key, rel.to_path_buf());
+        }
+        if ft.is_symlink() {
+            let target = fs::read_link(full)?;
+            self.builder.append_link(&mut header, rel, target)?;
+        } else if ft.is_file() {
+            let f = File::open(full)?;
+            self.stats.bytes += meta.len();
+            self.builder.append_data(&mut header, rel, f)?;
+        } else {
+            // Directories, fifos, devices: the header says it all.
+            header.set_size(0);
+            self.builder.append_data(&mut header, rel, io::empty())?;
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    fn append_xattrs(&mut self, full: &Path) -> io::Result<()> {
+        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+        // Not every file system supports xattrs; then there are none to keep.
+        let Ok(names) = xattr::list(full) else {
+            return Ok(());
+        };
+        for name in names {
+            let n = name.to_string_lossy();
+            if n.starts_with("trusted.overlay.") || n.starts_with("user.overlay.") {
+                continue;
+            }
+            if let Ok(Some(value)) = xattr::get(full, &name) {
+                pax.push((format!("SCHILY.xattr.{n}"), value));
+            }
+        }
+        if !pax.is_empty() {
+            self.builder
+                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        }
+        Ok(())
+    }
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|n| matches!(xattr::get(dir, n), Ok(Some(v)) if v == b"y"))
+}
+
+/// A path from a checkpoint, checked to stay inside the rootfs: relative
+/// after dropping one leading `/`, no `..`, nothing but plain names.
+pub fn safe_relative(name: &Path) -> Result<PathBuf> {
+    let mut out = PathBuf::new();
+    for (i, c) in name.components().enumerate() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            // deleted.files holds absolute paths inside the container.
+            Component::RootDir if i == 0 => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint entry {} leaves the rootfs",
+                    name.display()
+                )))
+            }
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint entry {:?} names the rootfs itself",
+            name
+        )));
+    }
+    Ok(out)
+}
+
+/// Makes sure every directory on the way to `rel` under `root` is a real
+/// directory (creating missing ones), never a symlink: nothing written
+/// through a path can land outside `root`.
+fn safe_parent(root: &Path, rel: &Path) -> Result<PathBuf> {
+    let mut cur = root.to_path_buf();
+    if let Some(parent) = rel.parent() {
+        for c in parent.components() {
+            cur.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "checkpoint entry {} goes through {}, which is not a directory",
+                        rel.display(),
+                        cur.display()
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&cur).map_err(Error::io(format!("create {}", cur.display())))?;
+                }
+                Err(e) => return Err(Error::io(format!("stat {}", cur.display()))(e)),
+            }
+        }
+    }
+    Ok(root.join(rel))
+}
+
+/// Removes whatever is at `path` (not following a symlink there).
+fn remove_any(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+    .map_err(Error::io(format!("remove {}", path.display())))
+}
+
+/// Applies a checkpoint's `deleted.files` then `rootfs-diff.tar` (either may
+/// be missing: a checkpoint of the Go shim has neither) to `rootfs`.
+pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
+    let mut stats = DiffStats::default();
+    let del_path = dir.join(DELETED_FILES);
+    if let Ok(bytes) = fs::read(&del_path) {
+        let list: Vec<String> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{DELETED_FILES}: {e}")))?;
+        for name in list {
+            let rel = safe_relative(Path::new(&name))?;
+            let path = safe_parent(rootfs, &rel)?;
+            remove_any(&path)?;
+            stats.deleted += 1;
+        }
+    }
+    let tar_path = dir.join(ROOTFS_DIFF);
+    let file = match File::open(&tar_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(stats),
+        Err(e) => return Err(Error::io(format!("open {}", tar_path.display()))(e)),
+    };
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    let entries = archive
+        .entries()
+        .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let mut entry = entry.map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
+        let name = entry
+            .path()
+            .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?
+            .into_owned();
+        let rel = safe_relative(&name)?;
+        let path = safe_parent(rootfs, &rel)?;
+        let header = entry.header().clone();
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let kind = header.entry_type();
+        match kind {
+            EntryType::Directory => {
+                match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        remove_any(&path)?;
+                        fs::create_dir(&path).map_err(Error::io(format!("mkdir {}", path.display())))?;
+                    }
+                    Err(_) => fs::create_dir(&path).map_err(Error::io(format!("mkdir {}", path.display())))?,
+                }
+                // Permissions and times last, once the contents are in.
+                dirs.push((path.clone(), header.clone()));
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                remove_any(&path)?;
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(Error::io(format!("create {}", path.display())))?;
+                stats.bytes += io::copy(&mut entry, &mut f)
+                    .map_err(Error::io(format!("write {}", path.display())))?;
+                drop(f);
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                    .map_err(Error::io(format!("chmod {}", path.display())))?;
+            }
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::InvalidArgument(format!("symlink {} has no target", rel.display())))?
+                    .into_owned();
+                remove_any(&path)?;
+                std::os::unix::fs::symlink(&target, &path)
+                    .map_err(Error::io(format!("symlink {}", path.display())))?;
+            }
+            EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::InvalidArgument(format!("hard link {} has no target", rel.display())))?
+                    .into_owned();
+                let target_rel = safe_relative(&target)?;
+                let target_path = safe_parent(rootfs, &target_rel)?;
+                let tm = fs::symlink_metadata(&target_path).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "hard link {} points to {}, which is not in the rootfs",
+                        rel.display(),
+                        target.display()
+                    ))
+                })?;
+                if !tm.is_file() {
+                    return Err(Error::InvalidArgument(format!(
+                        "hard link {} must point to a regular file",
+                        rel.display()
+                    )));
+                }
+                remove_any(&path)?;
+                fs::hard_link(&target_path, &path)
+                    .map_err(Error::io(format!("link {}", path.display())))?;
+                stats.entries += 1;
+                continue;
+            }
+            EntryType::Fifo => {
+                remove_any(&path)?;
+                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(mode))
+                    .map_err(Error::nix(format!("mkfifo {}", path.display())))?;
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint entry {} is a {:?}: only files, directories, links and fifos are restored",
+                    rel.display(),
+                    other
+                )))
+            }
+        }
+        apply_xattrs(&mut entry, &path)?;
+        set_owner_and_times(&path, &header, kind == EntryType::Symlink)?;
+        stats.entries += 1;
+    }
+    for (path, header) in dirs.into_iter().rev() {
+        let mode = header.mode().unwrap_or(0o755) & 0o7777;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("chmod {}", path.display())))?;
+        set_owner_and_times(&path, &header, false)?;
+    }
+    Ok(stats)
+}
+
+fn apply_xattrs<R: io::Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<()> {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return Ok(());
+    };
+    for ext in exts.flatten() {
+        let Ok(key) = ext.key() else { continue };
+        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+            if name.starts_with("trusted.overlay.") {
+                continue;
+            }
+            xattr::set(path, OsStr::new(name), ext.value_bytes())
+                .map_err(Error::io(format!("set xattr {name} on {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+fn set_owner_and_times(path: &Path, header: &Header, symlink: bool) -> Result<()> {
+    let uid = header
+        .uid()
+        .ok()
+        .map(|u| nix::unistd::Uid::from_raw(u as u32));
+    let gid = header
+        .gid()
+        .ok()
+        .map(|g| nix::unistd::Gid::from_raw(g as u32));
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        uid,
+        gid,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(Error::nix(format!("chown {}", path.display())))?;
+    if let Ok(mtime) = header.mtime() {
+        let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+        let flag = if symlink {
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink
+        } else {
+            nix::sys::stat::UtimensatFlags::FollowSymlink
+        };
+        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, flag)
+            .map_err(Error::nix(format!("set times of {}", path.display())))?;
+    }
+    Ok(())
+}

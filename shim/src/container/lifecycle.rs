@@ -1,0 +1,344 @@
+//! Create, start, kill, pause, resume, update, stats, pids and delete of a
+//! container's init.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use containerd_shim::{
+    asynchronous::io::Stdio,
+    cgroup::{collect_metrics, collect_metrics_v2, get_cgroup},
+    util::convert_to_any,
+};
+use containerd_shim_protos::{api::Mount, protobuf::well_known_types::any::Any};
+use log::{info, warn};
+
+use super::{Container, Process, Shared, Status};
+use crate::{
+    checkpoint::RestoreSource,
+    error::{Error, Result},
+    io::{self, remove_quietly},
+    options::RuntimeOptions,
+    runtime::runc::{CreateOpts, RestoreOpts, Runc},
+};
+
+/// What Create needs, decoded from the request.
+pub struct CreateConfig {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub mounts: Vec<Mount>,
+    pub stdio: Stdio,
+    pub options: RuntimeOptions,
+    /// A checkpoint to restore from at Start (its files are applied at Create).
+    pub checkpoint: Option<PathBuf>,
+    pub parent_checkpoint: Option<PathBuf>,
+}
+
+impl Container {
+    pub async fn create(shared: Shared, cfg: CreateConfig) -> Result<Arc<Container>> {
+        let CreateConfig {
+            id,
+            bundle,
+            mounts,
+            stdio,
+            options,
+            checkpoint,
+            parent_checkpoint,
+        } = cfg;
+        options.write(&bundle)?;
+        let rootfs = bundle.join("rootfs");
+        let rootfs_mounted = !mounts.is_empty();
+        if rootfs_mounted {
+            mount_all(&mounts, &rootfs).await?;
+        }
+        let runc = Runc::new(
+            options.runc_binary(),
+            options.runc_root(&shared.namespace),
+            options.systemd_cgroup,
+            bundle.join("log.json"),
+            shared.reaper.clone(),
+        );
+        let container = Arc::new(Container {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            rootfs: rootfs.clone(),
+            rootfs_mounted,
+            options,
+            runc,
+            init: Arc::new(Process::new(&id, "", stdio, None)),
+            shared,
+            execs: Mutex::new(HashMap::new()),
+            deferred_init_exit: Mutex::new(None),
+            ops: tokio::sync::Mutex::new(()),
+            restore: Mutex::new(None),
+        });
+        let created = match checkpoint {
+            // Files first: the rootfs diff is applied now, memory comes back at Start.
+            Some(image) => RestoreSource::prepare(&image, parent_checkpoint, &container)
+                .map(|source| *super::lock(&container.restore) = Some(source)),
+            None => container.runc_create().await,
+        };
+        if let Err(e) = created {
+            container.cleanup_rootfs();
+            return Err(e);
+        }
+        Ok(container)
+    }
+
+    async fn runc_create(self: &Arc<Self>) -> Result<()> {
+        let pid_file = self.bundle.join("init.pid");
+        let mut pending = io::prepare(&self.init.stdio, self.options.io_uid, self.options.io_gid)?;
+        let opts = CreateOpts {
+            pid_file: pid_file.clone(),
+            console_socket: pending.console_path(),
+            no_pivot: self.options.no_pivot_root,
+            no_new_keyring: self.options.no_new_keyring,
+        };
+        let child = pending.take_child();
+        let started = Instant::now();
+        let created = pending
+            .run(self.runc.create(&self.id, &self.bundle, &opts, child))
+            .await;
+        let io = match created {
+            Ok(io) => io,
+            Err(e) => {
+                // runc may have left a half-made container behind.
+                let _ = self.runc.delete(&self.id, true).await;
+                return Err(e);
+            }
+        };
+        let pid = match read_pid_file(&pid_file).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                io.tasks.abort().await;
+                let _ = self.runc.delete(&self.id, true).await;
+                return Err(e);
+            }
+        };
+        self.init.set_created(pid, io);
+        self.watch_exit(self.init.clone(), pid, started);
+        Ok(())
+    }
+
+    /// Starts the init: `runc start`, or `runc restore` for a checkpoint.
+    pub async fn start(self: &Arc<Self>) -> Result<i32> {
+        let _op = self.ops.lock().await;
+        let _gate = self.init.start_gate.lock().await;
+        self.init.require(&[Status::Created], "start")?;
+        let restore = super::lock(&self.restore).take();
+        let pid = if let Some(source) = restore {
+            self.restore_init(source).await?
+        } else {
+            self.runc.start(&self.id).await?;
+            // It may have exited already; its exit waits for this start event.
+            self.init.mark_running();
+            self.init.pid()
+        };
+        self.publish_started(&self.init, pid);
+        Ok(pid)
+    }
+
+    async fn restore_init(self: &Arc<Self>, source: RestoreSource) -> Result<i32> {
+        let pid_file = self.bundle.join("init.pid");
+        remove_quietly(&pid_file);
+        let mut pending = io::prepare(&self.init.stdio, self.options.io_uid, self.options.io_gid)?;
+        let opts = RestoreOpts {
+            checkpoint: source.criu_opts(),
+            pid_file: pid_file.clone(),
+            console_socket: pending.console_path(),
+            no_pivot: self.options.no_pivot_root,
+        };
+        let child = pending.take_child();
+        let started = Instant::now();
+        let restored = pending
+            .run(self.runc.restore(&self.id, &self.bundle, &opts, child))
+            .await;
+        let io = match restored {
+            Ok(io) => io,
+            Err(e) => {
+                let e = source.explain_failure(e, &self.bundle);
+                let _ = self.runc.delete(&self.id, true).await;
+                // Keep the source so that a retry of Start can try again.
+                *super::lock(&self.restore) = Some(source);
+                return Err(e);
+            }
+        };
+        let pid = read_pid_file(&pid_file).await?;
+        self.init.set_started(pid, io);
+        self.watch_exit(self.init.clone(), pid, started);
+        info!("container {} restored as pid {pid}", self.id);
+        Ok(pid)
+    }
+
+    pub async fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let process = self.process(exec_id)?;
+        if !process.is_init() {
+            process.require(&[Status::Running], "kill")?;
+            let sig = nix::sys::signal::Signal::try_from(signal as i32)
+                .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
+            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(process.pid()), sig).map_err(
+                |e| match e {
+                    nix::errno::Errno::ESRCH => {
+                        Error::NotFound(format!("process already finished: {}", process.describe()))
+                    }
+                    e => Error::nix(format!("kill {}", process.describe()))(e),
+                },
+            );
+        }
+        let status = self.init.status();
+        if status == Status::Stopped && !all {
+            return Err(Error::NotFound(format!(
+                "process already finished: {}",
+                self.init.describe()
+            )));
+        }
+        if status == Status::Created && self.init.pid() == 0 {
+            // Created from a checkpoint and not restored yet: nothing runs.
+            return Err(Error::NotFound(format!(
+                "process not started: {}",
+                self.init.describe()
+            )));
+        }
+        match self.runc.kill(&self.id, signal, all).await {
+            Err(Error::Runc { message, .. })
+                if all && message.contains("container not running") =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    pub async fn pause(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        self.init.require(&[Status::Running], "pause")?;
+        self.runc.pause(&self.id).await?;
+        self.init
+            .transition(&[Status::Running], Status::Paused, "pause")
+    }
+
+    pub async fn resume(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        self.init.require(&[Status::Paused], "resume")?;
+        self.runc.resume(&self.id).await?;
+        self.init
+            .transition(&[Status::Paused], Status::Running, "resume")
+    }
+
+    pub async fn update(&self, resources: &Any) -> Result<()> {
+        self.init.require(
+            &[Status::Created, Status::Running, Status::Paused],
+            "update",
+        )?;
+        // The LinuxResources JSON containerd sends is exactly what runc takes.
+        serde_json::from_slice::<serde_json::Value>(&resources.value)
+            .map_err(|e| Error::InvalidArgument(format!("resources are not JSON: {e}")))?;
+        let file = tempfile::Builder::new()
+            .prefix("update-")
+            .suffix(".json")
+            .tempfile_in(&self.bundle)
+            .map_err(Error::io("resources file"))?;
+        std::fs::write(file.path(), &resources.value).map_err(Error::io("write resources"))?;
+        self.runc.update(&self.id, file.path()).await
+    }
+
+    pub async fn pids(&self) -> Result<Vec<i32>> {
+        self.init.require(
+            &[Status::Created, Status::Running, Status::Paused],
+            "list pids of",
+        )?;
+        self.runc.ps(&self.id).await
+    }
+
+    pub fn stats(&self) -> Result<Any> {
+        let pid = self.init.pid();
+        let status = self.init.status();
+        if pid == 0 || status == Status::Stopped {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot collect stats of {}: it is not running",
+                self.init.describe()
+            )));
+        }
+        let cgroup = get_cgroup(pid as u32).map_err(Error::shim("find cgroup"))?;
+        let any = if cgroup.v2() {
+            convert_to_any(Box::new(
+                collect_metrics_v2(&cgroup).map_err(Error::shim("collect cgroup v2 metrics"))?,
+            ))
+        } else {
+            let mut metrics =
+                collect_metrics(&cgroup).map_err(Error::shim("collect cgroup metrics"))?;
+            // The collector leaves the limit out; containerd's clients show it.
+            if let Some(limit) = crate::cgroup::v1_memory_of(pid)
+                .and_then(|m| std::fs::read_to_string(m.join("memory.limit_in_bytes")).ok())
+                .and_then(|t| t.trim().parse::<u64>().ok())
+            {
+                let memory = metrics.memory.mut_or_insert_default();
+                memory.usage.mut_or_insert_default().limit = limit;
+            }
+            convert_to_any(Box::new(metrics))
+        };
+        any.map_err(Error::shim("encode metrics"))
+    }
+
+    /// Deletes the init: allowed once it stopped, or before it started.
+    pub async fn delete_init(&self) -> Result<()> {
+        let _op = self.ops.lock().await;
+        self.init
+            .require(&[Status::Created, Status::Stopped], "delete")?;
+        let never_ran = self.init.pid() == 0;
+        if !never_ran {
+            if let Err(e) = self.runc.delete(&self.id, true).await {
+                // A container runc no longer knows is already gone.
+                if !matches!(&e, Error::Runc { message, .. } if message.contains("does not exist"))
+                {
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(io) = self.init.io() {
+            io.tasks.shutdown().await;
+        }
+        self.cleanup_rootfs();
+        Ok(())
+    }
+
+    pub fn cleanup_rootfs(&self) {
+        if self.rootfs_mounted {
+            unmount_all(&self.rootfs);
+        }
+    }
+}
+
+async fn mount_all(mounts: &[Mount], rootfs: &Path) -> Result<()> {
+    std::fs::create_dir_all(rootfs).map_err(Error::io(format!("create {}", rootfs.display())))?;
+    for m in mounts {
+        if let Err(e) = containerd_shim::util::mount_rootfs(m, rootfs).await {
+            unmount_all(rootfs);
+            return Err(Error::Shim {
+                context: format!("mount {} ({}) on {}", m.source, m.type_, rootfs.display()),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts everything at and below `target`, deepest first.
+pub fn unmount_all(target: &Path) {
+    let Some(t) = target.to_str() else { return };
+    if let Err(e) = containerd_shim::mount::umount_recursive(Some(t), libc::MNT_DETACH) {
+        warn!("unmount {t}: {e}");
+    }
+}
+
+pub(super) async fn read_pid_file(path: &Path) -> Result<i32> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(Error::io(format!("read pid file {}", path.display())))?;
+    text.trim()
+        .parse()
+        .map_err(|e| Error::Internal(format!("bad pid file {}: {e}", path.display())))
+}

@@ -1,0 +1,153 @@
+//! One container: its init, its execs, and what happens when they exit.
+
+mod exec;
+pub mod lifecycle;
+pub mod process;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use containerd_shim::util::convert_to_timestamp;
+use containerd_shim_protos::events::task::{TaskExecStarted, TaskExit, TaskStart};
+use log::info;
+
+pub use self::process::{Process, Status};
+use crate::{
+    checkpoint::RestoreSource,
+    error::{Error, Result},
+    events::Publisher,
+    options::RuntimeOptions,
+    reaper::{ExitStatus, Reaper},
+    runtime::runc::Runc,
+};
+
+/// What every container of this shim shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub namespace: String,
+    pub publisher: Publisher,
+    pub reaper: Reaper,
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: PathBuf,
+    /// Whether the shim mounted `rootfs` itself (from the request's mounts).
+    pub rootfs_mounted: bool,
+    pub options: RuntimeOptions,
+    pub runc: Runc,
+    pub init: Arc<Process>,
+    pub shared: Shared,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// The init's exit, held back until every running exec's exit is out.
+    deferred_init_exit: Mutex<Option<ExitStatus>>,
+    /// Serializes the operations that drive runc for this container.
+    pub ops: tokio::sync::Mutex<()>,
+    /// Set when the container was created from a checkpoint: Start restores.
+    pub restore: Mutex<Option<RestoreSource>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        lock(&self.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {}", self.id)))
+    }
+
+    pub fn exec_ids(&self) -> Vec<(String, i32)> {
+        lock(&self.execs)
+            .values()
+            .map(|p| (p.exec_id.clone(), p.pid()))
+            .collect()
+    }
+
+    fn running_execs(&self) -> usize {
+        lock(&self.execs)
+            .values()
+            .filter(|p| matches!(p.status(), Status::Running | Status::Paused))
+            .count()
+    }
+
+    /// Delivers `process`'s exit once the reaper sees pid `pid` go.
+    pub fn watch_exit(self: &Arc<Self>, process: Arc<Process>, pid: i32, started: Instant) {
+        let exit = self.shared.reaper.claim(pid, started);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(status) = exit.await {
+                let _started = process.start_gate.lock().await;
+                this.on_exit(&process, status);
+            }
+        });
+    }
+
+    fn on_exit(&self, process: &Process, status: ExitStatus) {
+        info!(
+            "{} exited: pid {} status {}",
+            process.describe(),
+            status.pid,
+            status.code
+        );
+        if process.is_init() {
+            // Execs die with the init (pid namespace); their exits go first.
+            if self.running_execs() > 0 {
+                *lock(&self.deferred_init_exit) = Some(status);
+                return;
+            }
+            self.publish_exit(process, status);
+        } else {
+            self.publish_exit(process, status);
+            if self.running_execs() == 0 {
+                if let Some(init_status) = lock(&self.deferred_init_exit).take() {
+                    self.publish_exit(&self.init, init_status);
+                }
+            }
+        }
+    }
+
+    fn publish_started(&self, process: &Process, pid: i32) {
+        if process.is_init() {
+            self.shared.publisher.publish(TaskStart {
+                container_id: self.id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            });
+        } else {
+            self.shared.publisher.publish(TaskExecStarted {
+                container_id: self.id.clone(),
+                exec_id: process.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            });
+        }
+    }
+
+    fn publish_exit(&self, process: &Process, status: ExitStatus) {
+        process.set_exited(status);
+        let id = if process.is_init() {
+            self.id.clone()
+        } else {
+            process.exec_id.clone()
+        };
+        self.shared.publisher.publish(TaskExit {
+            container_id: self.id.clone(),
+            id,
+            pid: status.pid as u32,
+            exit_status: status.code as u32,
+            exited_at: Some(convert_to_timestamp(Some(status.at))).into(),
+            ..Default::default()
+        });
+    }
+}

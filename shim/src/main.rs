@@ -1,0 +1,37 @@
+//! containerd-shim-custom-v2: a containerd shim v2 (runtime `io.containerd.custom.v2`) that runs
+//! containers through runc and takes consistent, complete checkpoints.
+
+mod cgroup;
+mod checkpoint;
+mod container;
+mod error;
+mod events;
+mod io;
+mod options;
+mod reaper;
+mod runtime;
+mod service;
+mod shim;
+
+/// The runtime name containerd knows this shim by.
+pub const RUNTIME_NAME: &str = "io.containerd.custom.v2";
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args
+        .iter()
+        .skip(1)
+        .any(|a| a == "-v" || a == "--version" || a == "-version")
+    {
+        println!("containerd-shim-custom-v2:");
+        println!("  Version:  {}", env!("CARGO_PKG_VERSION"));
+        println!("  Runtime:  {RUNTIME_NAME}");
+        println!(
+            "  Revision: {}",
+            option_env!("SHIM_GIT_REVISION").unwrap_or("unknown")
+        );
+        return;
+    }
+    containerd_shim::asynchronous::run::<shim::CustomShim>(RUNTIME_NAME, None).await;
+}

@@ -1,0 +1,302 @@
+//! Runtime and checkpoint options as containerd sends them, decoded into one
+//! domain type each. Bad options are InvalidArgument, never a panic.
+
+use std::path::{Path, PathBuf};
+
+use containerd_shim_protos::{
+    protobuf::{well_known_types::any::Any, Message},
+    shim::oci::{CheckpointOptions as ProtoCheckpointOptions, Options as ProtoOptions},
+};
+use serde::{Deserialize, Serialize};
+use shim_protos::runtimeoptions::Options as CriOptions;
+
+use crate::error::{Error, Result};
+
+/// Where runc keeps container state unless the options say otherwise; the
+/// namespace is appended, as the Go shim does.
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc";
+
+/// The runtime options a container was created with, kept in the bundle as
+/// `options.json` so that the `delete` action finds runc's root after a crash.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeOptions {
+    #[serde(alias = "BinaryName")]
+    pub binary_name: String,
+    #[serde(alias = "Root")]
+    pub root: String,
+    #[serde(alias = "SystemdCgroup")]
+    pub systemd_cgroup: bool,
+    #[serde(alias = "NoPivotRoot")]
+    pub no_pivot_root: bool,
+    #[serde(alias = "NoNewKeyring")]
+    pub no_new_keyring: bool,
+    #[serde(alias = "ShimCgroup")]
+    pub shim_cgroup: String,
+    #[serde(alias = "IoUid")]
+    pub io_uid: u32,
+    #[serde(alias = "IoGid")]
+    pub io_gid: u32,
+    #[serde(alias = "CriuImagePath")]
+    pub criu_image_path: String,
+    #[serde(alias = "CriuWorkPath")]
+    pub criu_work_path: String,
+}
+
+impl RuntimeOptions {
+    pub fn runc_binary(&self) -> PathBuf {
+        if self.binary_name.is_empty() {
+            PathBuf::from("runc")
+        } else {
+            PathBuf::from(&self.binary_name)
+        }
+    }
+
+    pub fn runc_root(&self, namespace: &str) -> PathBuf {
+        let root = if self.root.is_empty() {
+            DEFAULT_RUNC_ROOT
+        } else {
+            &self.root
+        };
+        Path::new(root).join(namespace)
+    }
+
+    /// Decodes the `options` of a CreateTaskRequest.
+    pub fn from_any(any: Option<&Any>) -> Result<Self> {
+        let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
+            return Ok(Self::default());
+        };
+        match type_name(&any.type_url) {
+            "containerd.runc.v1.Options" => {
+                let o = ProtoOptions::parse_from_bytes(&any.value)
+                    .map_err(Error::proto("decode containerd.runc.v1.Options"))?;
+                Ok(Self {
+                    binary_name: o.binary_name,
+                    root: o.root,
+                    systemd_cgroup: o.systemd_cgroup,
+                    no_pivot_root: o.no_pivot_root,
+                    no_new_keyring: o.no_new_keyring,
+                    shim_cgroup: o.shim_cgroup,
+                    io_uid: o.io_uid,
+                    io_gid: o.io_gid,
+                    criu_image_path: o.criu_image_path,
+                    criu_work_path: o.criu_work_path,
+                })
+            }
+            "runtimeoptions.v1.Options" => {
+                let o = CriOptions::parse_from_bytes(&any.value)
+                    .map_err(Error::proto("decode runtimeoptions.v1.Options"))?;
+                let body = if !o.config_path.is_empty() {
+                    std::fs::read(&o.config_path)
+                        .map_err(Error::io(format!("read runtime config {}", o.config_path)))?
+                } else {
+                    o.config_body
+                };
+                Self::from_toml(&body)
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "unsupported runtime options type {other:?}"
+            ))),
+        }
+    }
+
+    /// The TOML options section of containerd's runtime config, in the Go
+    /// field names (`BinaryName`) or snake case.
+    pub fn from_toml(body: &[u8]) -> Result<Self> {
+        let text = std::str::from_utf8(body)
+            .map_err(|e| Error::InvalidArgument(format!("runtime options are not UTF-8: {e}")))?;
+        toml::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("runtime options TOML: {e}")))
+    }
+
+    pub fn write(&self, bundle: &Path) -> Result<()> {
+        let path = bundle.join("options.json");
+        let json = serde_json::to_vec(self).map_err(Error::json("encode options"))?;
+        std::fs::write(&path, json).map_err(Error::io(format!("write {}", path.display())))
+    }
+
+    /// Reads back what [`Self::write`] stored; defaults if there is nothing.
+    pub fn read(bundle: &Path) -> Result<Self> {
+        let path = bundle.join("options.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(Error::json(format!("decode {}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(Error::io(format!("read {}", path.display()))(e)),
+        }
+    }
+}
+
+/// What a checkpoint was asked to do, from `containerd.runc.v1.CheckpointOptions`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointOptions {
+    pub exit: bool,
+    pub open_tcp: bool,
+    pub external_unix_sockets: bool,
+    pub terminal: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+    pub cgroups_mode: String,
+    pub image_path: String,
+    pub work_path: String,
+}
+
+impl Default for CheckpointOptions {
+    /// No options at all (containerd's CRI sends none for a runtime not named
+    /// runc) means: leave running, with file locks.
+    fn default() -> Self {
+        Self {
+            exit: false,
+            open_tcp: false,
+            external_unix_sockets: false,
+            terminal: false,
+            file_locks: true,
+            empty_namespaces: Vec::new(),
+            cgroups_mode: String::new(),
+            image_path: String::new(),
+            work_path: String::new(),
+        }
+    }
+}
+
+impl CheckpointOptions {
+    pub fn from_any(any: Option<&Any>) -> Result<Self> {
+        let Some(any) = any.filter(|a| !a.type_url.is_empty() || !a.value.is_empty()) else {
+            return Ok(Self::default());
+        };
+        match type_name(&any.type_url) {
+            "containerd.runc.v1.CheckpointOptions" => {
+                let o = ProtoCheckpointOptions::parse_from_bytes(&any.value)
+                    .map_err(Error::proto("decode containerd.runc.v1.CheckpointOptions"))?;
+                Ok(Self {
+                    exit: o.exit,
+                    open_tcp: o.open_tcp,
+                    external_unix_sockets: o.external_unix_sockets,
+                    terminal: o.terminal,
+                    file_locks: o.file_locks,
+                    empty_namespaces: o.empty_namespaces,
+                    cgroups_mode: o.cgroups_mode,
+                    image_path: o.image_path,
+                    work_path: o.work_path,
+                })
+            }
+            other => Err(Error::InvalidArgument(format!(
+                "unsupported checkpoint options type {other:?}"
+            ))),
+        }
+    }
+}
+
+/// containerd sends type URLs both bare and with a `host/` prefix.
+fn type_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(url: &str, msg: &dyn containerd_shim_protos::protobuf::MessageDyn) -> Any {
+        Any {
+            type_url: url.into(),
+            value: msg.write_to_bytes_dyn().unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runc_options_with_and_without_prefix() {
+        let o = ProtoOptions {
+            binary_name: "/usr/sbin/runc".into(),
+            systemd_cgroup: true,
+            criu_image_path: "/img".into(),
+            ..Default::default()
+        };
+        for url in [
+            "containerd.runc.v1.Options",
+            "types.containerd.io/containerd.runc.v1.Options",
+        ] {
+            let r = RuntimeOptions::from_any(Some(&any(url, &o))).unwrap();
+            assert_eq!(r.binary_name, "/usr/sbin/runc");
+            assert!(r.systemd_cgroup);
+            assert_eq!(r.criu_image_path, "/img");
+        }
+    }
+
+    #[test]
+    fn cri_toml_options() {
+        let cri = CriOptions {
+            type_url: "runtimeoptions.v1.Options".into(),
+            config_body: b"BinaryName = \"/opt/runc\"\nSystemdCgroup = true\nRoot = \"/r\"\n"
+                .to_vec(),
+            ..Default::default()
+        };
+        let r = RuntimeOptions::from_any(Some(&any("runtimeoptions.v1.Options", &cri))).unwrap();
+        assert_eq!(r.binary_name, "/opt/runc");
+        assert_eq!(r.root, "/r");
+        assert!(r.systemd_cgroup);
+        assert_eq!(r.runc_root("k8s.io"), PathBuf::from("/r/k8s.io"));
+    }
+
+    #[test]
+    fn garbage_is_invalid_argument() {
+        let bad = Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0xff, 0xff, 0xff],
+            ..Default::default()
+        };
+        let e = RuntimeOptions::from_any(Some(&bad)).unwrap_err();
+        assert_eq!(
+            e.code(),
+            containerd_shim_protos::ttrpc::Code::INVALID_ARGUMENT
+        );
+        let other = Any {
+            type_url: "something.Else".into(),
+            value: vec![],
+            ..Default::default()
+        };
+        assert!(matches!(
+            CheckpointOptions::from_any(Some(&other)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            RuntimeOptions::from_toml(b"BinaryName = ["),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn no_checkpoint_options_means_leave_running_with_locks() {
+        let o = CheckpointOptions::from_any(None).unwrap();
+        assert!(!o.exit);
+        assert!(o.file_locks);
+        let o = CheckpointOptions::from_any(Some(&any(
+            "containerd.runc.v1.CheckpointOptions",
+            &ProtoCheckpointOptions {
+                exit: true,
+                empty_namespaces: vec!["network".into()],
+                cgroups_mode: "soft".into(),
+                ..Default::default()
+            },
+        )))
+        .unwrap();
+        assert!(o.exit && !o.file_locks);
+        assert_eq!(o.empty_namespaces, vec!["network".to_string()]);
+        assert_eq!(o.cgroups_mode, "soft");
+    }
+
+    #[test]
+    fn options_round_trip_through_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            RuntimeOptions::read(dir.path()).unwrap(),
+            RuntimeOptions::default()
+        );
+        let o = RuntimeOptions {
+            root: "/x".into(),
+            ..Default::default()
+        };
+        o.write(dir.path()).unwrap();
+        assert_eq!(RuntimeOptions::read(dir.path()).unwrap(), o);
+    }
+}

@@ -1,0 +1,3 @@
+//! The OCI runtime the shim drives.
+
+pub mod runc;

@@ -1,0 +1,447 @@
+//! The runc command line: typed options become argv, runc's own error line
+//! comes back in the error. Exits are taken from the subreaper, never waited
+//! for directly (the shim's reaper would steal them).
+
+use std::{
+    fs::File,
+    io::{Read, Seek, SeekFrom},
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use log::debug;
+use serde::Deserialize;
+
+use crate::{
+    error::{Error, Result},
+    reaper::Reaper,
+};
+
+/// A container process's stdio as runc's own stdio: the container inherits it.
+#[derive(Default)]
+pub struct ProcStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Runc {
+    pub binary: PathBuf,
+    pub root: PathBuf,
+    pub systemd_cgroup: bool,
+    /// runc's JSON log for this container, read back for error messages.
+    pub log: PathBuf,
+    reaper: Reaper,
+}
+
+#[derive(Default, Debug)]
+pub struct CreateOpts {
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct CheckpointOpts {
+    pub image_path: PathBuf,
+    pub work_path: PathBuf,
+    pub parent_path: Option<PathBuf>,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_ns: Vec<String>,
+    pub manage_cgroups_mode: Option<String>,
+}
+
+#[derive(Default, Debug)]
+pub struct RestoreOpts {
+    pub checkpoint: CheckpointOpts,
+    pub pid_file: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    pub no_pivot: bool,
+}
+
+pub struct Output {
+    pub stdout: Vec<u8>,
+}
+
+impl Runc {
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        root: impl Into<PathBuf>,
+        systemd_cgroup: bool,
+        log: impl Into<PathBuf>,
+        reaper: Reaper,
+    ) -> Self {
+        Self {
+            binary: binary.into(),
+            root: root.into(),
+            systemd_cgroup,
+            log: log.into(),
+            reaper,
+        }
+    }
+
+    fn global_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--root".to_string(),
+            self.root.display().to_string(),
+            "--log".to_string(),
+            self.log.display().to_string(),
+            "--log-format".to_string(),
+            "json".to_string(),
+        ];
+        if self.systemd_cgroup {
+            args.push("--systemd-cgroup".to_string());
+        }
+        args
+    }
+
+    pub async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &CreateOpts,
+        stdio: ProcStdio,
+    ) -> Result<()> {
+        let mut args = vec![
+            "create".to_string(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            "--pid-file".into(),
+            opts.pid_file.display().to_string(),
+        ];
+        if let Some(s) = &opts.console_socket {
+            args.extend(["--console-socket".into(), s.display().to_string()]);
+        }
+        if opts.no_pivot {
+            args.push("--no-pivot".into());
+        }
+        if opts.no_new_keyring {
+            args.push("--no-new-keyring".into());
+        }
+        args.push(id.into());
+        self.run(args, Some(stdio)).await.map(drop)
+    }
+
+    pub async fn start(&self, id: &str) -> Result<()> {
+        self.run(vec!["start".into(), id.into()], None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        pid_file: &Path,
+        console_socket: Option<&Path>,
+        stdio: ProcStdio,
+    ) -> Result<()> {
+        let mut args = vec![
+            "exec".to_string(),
+            "--detach".into(),
+            "--process".into(),
+            process_json.display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+        ];
+        if let Some(s) = console_socket {
+            args.extend(["--console-socket".into(), s.display().to_string()]);
+        }
+        args.push(id.into());
+        self.run(args, Some(stdio)).await.map(drop)
+    }
+
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut args = vec!["kill".to_string()];
+        if all {
+            args.push("--all".into());
+        }
+        args.extend([id.to_string(), signal.to_string()]);
+        self.run(args, None).await.map(drop)
+    }
+
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        self.run(vec!["pause".into(), id.into()], None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        self.run(vec!["resume".into(), id.into()], None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let mut args = vec!["delete".to_string()];
+        if force {
+            args.push("--force".into());
+        }
+        args.push(id.into());
+        self.run(args, None).await.map(drop)
+    }
+
+    pub async fn ps(&self, id: &str) -> Result<Vec<i32>> {
+        let out = self
+            .run(
+                vec!["ps".into(), "--format".into(), "json".into(), id.into()],
+                None,
+            )
+            .await?;
+        let pids: Option<Vec<i32>> =
+            serde_json::from_slice(&out.stdout).map_err(Error::json("decode runc ps"))?;
+        Ok(pids.unwrap_or_default())
+    }
+
+    pub async fn update(&self, id: &str, resources_json: &Path) -> Result<()> {
+        self.run(
+            vec![
+                "update".into(),
+                "--resources".into(),
+                resources_json.display().to_string(),
+                id.into(),
+            ],
+            None,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let mut args = vec!["checkpoint".to_string()];
+        args.extend(criu_args(opts));
+        if opts.leave_running {
+            args.push("--leave-running".into());
+        }
+        args.push(id.into());
+        self.run(args, None).await.map(drop)
+    }
+
+    pub async fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        opts: &RestoreOpts,
+        stdio: ProcStdio,
+    ) -> Result<()> {
+        let mut args = vec![
+            "restore".to_string(),
+            "--detach".into(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            "--pid-file".into(),
+            opts.pid_file.display().to_string(),
+        ];
+        args.extend(criu_args(&opts.checkpoint));
+        if let Some(s) = &opts.console_socket {
+            args.extend(["--console-socket".into(), s.display().to_string()]);
+        }
+        if opts.no_pivot {
+            args.push("--no-pivot".into());
+        }
+        args.push(id.into());
+        self.run(args, Some(stdio)).await.map(drop)
+    }
+
+    /// Runs runc with `args`. With `stdio` the child's stdio is the
+    /// container's (runc's errors then reach us only through its log).
+    async fn run(&self, args: Vec<String>, stdio: Option<ProcStdio>) -> Result<Output> {
+        let command = args.first().cloned().unwrap_or_default();
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.global_args()).args(&args);
+        let capture = stdio.is_none();
+        match stdio {
+            Some(s) => {
+                cmd.stdin(s.stdin.map(Stdio::from).unwrap_or_else(Stdio::null));
+                cmd.stdout(s.stdout.map(Stdio::from).unwrap_or_else(Stdio::null));
+                cmd.stderr(s.stderr.map(Stdio::from).unwrap_or_else(Stdio::null));
+            }
+            None => {
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+            }
+        }
+        debug!("runc {}", args.join(" "));
+        let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(Error::io(format!(
+            "spawn {} {command}",
+            self.binary.display()
+        )))?;
+        // The Command still holds the container's ends of the stdio: drop it
+        // so that only the container keeps them.
+        drop(cmd);
+        let pid = child.id() as i32;
+        let exit = self.reaper.claim(pid, started);
+        let (stdout, stderr) = if capture {
+            let out = child.stdout.take();
+            let err = child.stderr.take();
+            tokio::task::spawn_blocking(move || (read_all(out), read_all(err)))
+                .await
+                .map_err(|e| Error::Internal(format!("runc output reader: {e}")))?
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let status = exit
+            .await
+            .map_err(|_| Error::Internal(format!("exit of runc {command} was lost")))?;
+        if status.code != 0 {
+            let message = last_log_error(&self.log, log_offset)
+                .or_else(|| last_line(&stderr))
+                .unwrap_or_else(|| format!("exit status {}", status.code));
+            return Err(Error::Runc { command, message });
+        }
+        Ok(Output { stdout })
+    }
+}
+
+fn criu_args(opts: &CheckpointOpts) -> Vec<String> {
+    let mut args = vec![
+        "--image-path".to_string(),
+        opts.image_path.display().to_string(),
+        "--work-path".into(),
+        opts.work_path.display().to_string(),
+    ];
+    if let Some(p) = &opts.parent_path {
+        args.extend(["--parent-path".into(), p.display().to_string()]);
+    }
+    if opts.tcp_established {
+        args.push("--tcp-established".into());
+    }
+    if opts.ext_unix_sk {
+        args.push("--ext-unix-sk".into());
+    }
+    if opts.shell_job {
+        args.push("--shell-job".into());
+    }
+    if opts.file_locks {
+        args.push("--file-locks".into());
+    }
+    for ns in &opts.empty_ns {
+        args.extend(["--empty-ns".into(), ns.clone()]);
+    }
+    if let Some(mode) = &opts.manage_cgroups_mode {
+        args.extend(["--manage-cgroups-mode".into(), mode.clone()]);
+    }
+    args
+}
+
+fn read_all<R: Read>(r: Option<R>) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Some(mut r) = r {
+        let _ = r.read_to_end(&mut buf);
+    }
+    buf
+}
+
+fn last_line(bytes: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_string)
+}
+
+/// The last error runc logged after `offset` (its log holds every command's lines).
+fn last_log_error(log: &Path, offset: u64) -> Option<String> {
+    let mut f = File::open(log).ok()?;
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    parse_last_error(&text)
+}
+
+fn parse_last_error(text: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Line {
+        level: String,
+        msg: String,
+    }
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+        .find(|l| l.level == "error" || l.level == "fatal")
+        .map(|l| l.msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_error_line_is_taken() {
+        let log = r#"{"level":"info","msg":"starting","time":"t"}
+{"level":"error","msg":"first","time":"t"}
+{"level":"warning","msg":"w","time":"t"}
+{"level":"error","msg":"container not running","time":"t"}
+{"level":"info","msg":"done","time":"t"}"#;
+        assert_eq!(
+            parse_last_error(log).as_deref(),
+            Some("container not running")
+        );
+        assert_eq!(parse_last_error("garbage\n"), None);
+    }
+
+    #[test]
+    fn criu_options_become_flags() {
+        let args = criu_args(&CheckpointOpts {
+            image_path: "/img".into(),
+            work_path: "/work".into(),
+            tcp_established: true,
+            ext_unix_sk: true,
+            shell_job: true,
+            file_locks: true,
+            empty_ns: vec!["network".into()],
+            manage_cgroups_mode: Some("soft".into()),
+            ..Default::default()
+        })
+        .join(" ");
+        assert_eq!(
+            args,
+            "--image-path /img --work-path /work --tcp-established --ext-unix-sk \
+             --shell-job --file-locks --empty-ns network --manage-cgroups-mode soft"
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_binary_reports_exit_and_keeps_running() {
+        // /bin/false stands in for runc: no log, no stderr, a non-zero exit.
+        let reaper = Reaper::default();
+        let dir = tempfile::tempdir().unwrap();
+        let runc = Runc::new(
+            "/bin/false",
+            dir.path(),
+            false,
+            dir.path().join("log.json"),
+            reaper.clone(),
+        );
+        // No subreaper signal loop in unit tests: feed the exit by hand.
+        let waiter = tokio::spawn({
+            let runc = runc.clone();
+            async move { runc.start("x").await }
+        });
+        // Reap whatever child exits and hand it to the reaper.
+        let status = tokio::task::spawn_blocking(|| nix::sys::wait::wait())
+            .await
+            .unwrap()
+            .unwrap();
+        if let nix::sys::wait::WaitStatus::Exited(pid, code) = status {
+            reaper.exited(pid.as_raw(), code);
+        }
+        let err = waiter.await.unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("runc start failed: exit status 1"),
+            "{err}"
+        );
+    }
+}

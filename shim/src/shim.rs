@@ -1,0 +1,143 @@
+//! The shim process itself: `start` (spawn or reuse the long-lived shim),
+//! `delete` (clean up after a dead shim), and the task service it serves.
+
+use std::{path::Path, sync::Arc};
+
+use async_trait::async_trait;
+use containerd_shim::{
+    asynchronous::{spawn, ExitSignal, Shim},
+    publisher::RemotePublisher,
+    util::{convert_to_timestamp, write_str_to_file},
+    Config, Error as ShimError, Flags, StartOpts,
+};
+use containerd_shim_protos::{api::DeleteResponse, protobuf::MessageField};
+use log::warn;
+use time::OffsetDateTime;
+
+use crate::{
+    container::{lifecycle::unmount_all, Shared},
+    events::Publisher,
+    options::RuntimeOptions,
+    reaper::Reaper,
+    runtime::runc::Runc,
+    service::Service,
+};
+
+/// Annotations that put containers in one shim, as the Go runc shim does.
+const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.containerd.runc.v2.group",
+    "io.kubernetes.cri.sandbox-id",
+];
+
+pub struct CustomShim {
+    id: String,
+    namespace: String,
+    bundle: String,
+    exit: Arc<ExitSignal>,
+}
+
+#[async_trait]
+impl Shim for CustomShim {
+    type T = Service;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        Self {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: args.bundle.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimError> {
+        let grouping = group_of(Path::new("config.json")).unwrap_or_else(|| opts.id.clone());
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimError> {
+        let bundle = if self.bundle.is_empty() {
+            std::env::current_dir().map_err(|e| ShimError::IoError {
+                context: "current dir".into(),
+                err: e,
+            })?
+        } else {
+            self.bundle.clone().into()
+        };
+        let options = RuntimeOptions::read(&bundle).unwrap_or_else(|e| {
+            warn!("delete {}: {e}; using default runtime options", self.id);
+            RuntimeOptions::default()
+        });
+        let reaper = Reaper::default();
+        if let Err(e) = reaper.start().await {
+            warn!("delete {}: {e}", self.id);
+        }
+        let runc = Runc::new(
+            options.runc_binary(),
+            options.runc_root(&self.namespace),
+            options.systemd_cgroup,
+            bundle.join("log.json"),
+            reaper,
+        );
+        if let Err(e) = runc.delete(&self.id, true).await {
+            warn!("runc delete {}: {e}", self.id);
+        }
+        unmount_all(&bundle.join("rootfs"));
+        Ok(DeleteResponse {
+            pid: 0,
+            // 128 + SIGKILL: the task died with its shim.
+            exit_status: 137,
+            exited_at: MessageField::some(convert_to_timestamp(Some(OffsetDateTime::now_utc()))),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let reaper = Reaper::default();
+        if let Err(e) = reaper.start().await {
+            // Without exits nothing works; say so loudly but keep serving errors.
+            log::error!("{e}");
+        }
+        let shared = Shared {
+            namespace: self.namespace.clone(),
+            publisher: Publisher::new(publisher, self.namespace.clone()),
+            reaper,
+        };
+        Service::new(shared, self.exit.clone())
+    }
+}
+
+/// The grouping annotation of the bundle's spec, if any.
+fn group_of(config: &Path) -> Option<String> {
+    let bytes = std::fs::read(config).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|k| spec["annotations"][*k].as_str().map(str::to_string))
+        .filter(|g| !g.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_annotation_groups_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::write(
+            &cfg,
+            r#"{"annotations":{"io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(group_of(&cfg).as_deref(), Some("pod1"));
+        std::fs::write(&cfg, r#"{"annotations":{}}"#).unwrap();
+        assert_eq!(group_of(&cfg), None);
+        assert_eq!(group_of(&dir.path().join("missing")), None);
+    }
+}
