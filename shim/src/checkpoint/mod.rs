@@ -253,11 +253,18 @@ fn thaw(guard: Option<FreezeGuard>) -> Result<()> {
     }
 }
 
-/// The first line of a CRIU log that says what went wrong.
+/// The first line of a CRIU log that says what went wrong. CRIU also logs
+/// errors it shrugs off (an rlimit it cannot raise) and echoes of a helper's
+/// exit status: those say nothing about the failure.
 fn first_criu_error(log: &Path) -> Option<String> {
     let text = fs::read_to_string(log).ok()?;
+    criu_error_line(&text)
+}
+
+fn criu_error_line(text: &str) -> Option<String> {
     text.lines()
-        .find(|l| l.contains("Error") || l.contains("error"))
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .find(|l| !l.contains("rlimit:") && !l.contains("exited, status="))
         .map(|l| {
             // Drop CRIU's "(00.012345) " timestamp prefix.
             match l.split_once(") ") {
@@ -392,4 +399,26 @@ fn copy_images(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meaningful_criu_line_is_picked() {
+        let log = "(00.028567) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.03) Error (criu/util.c:656): exited, status=1
+Error (criu/util.c:641): execvp(\"iptables-restore\", ...) failed: No such file or directory
+(00.034472) Error (criu/cr-dump.c:2111): Dumping FAILED.";
+        assert_eq!(
+            criu_error_line(log).as_deref(),
+            Some("Error (criu/util.c:641): execvp(\"iptables-restore\", ...) failed: No such file or directory")
+        );
+        assert_eq!(
+            criu_error_line("(00.1) Error (criu/sk-unix.c:1): unix: Can't dump external socket")
+                .as_deref(),
+            Some("Error (criu/sk-unix.c:1): unix: Can't dump external socket")
+        );
+    }
 }

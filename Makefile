@@ -1,0 +1,52 @@
+# containerd-shim-custom-v2 — `make help` lists the targets.
+SHELL := /bin/bash
+PREFIX ?= /usr/local
+CONTAINERD_CONFIG ?= /etc/containerd/config.toml
+CARGO ?= cargo
+SHIM := containerd-shim-custom-v2
+IMAGE_TAR := target/test-image/shimtest.tar
+
+.PHONY: help deps build release install uninstall demo test unit integration image bench lint fmt clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.1 (built from Debian source), busybox-static, protoc
+	bash scripts/install-deps.sh
+
+build: ## build the shim (debug) — what the tests use
+	$(CARGO) build -p $(SHIM)
+
+release: ## build the shim (release)
+	$(CARGO) build --release -p $(SHIM)
+
+install: release ## put the shim in PREFIX/bin (/usr/local/bin) and register io.containerd.custom.v2 in CONTAINERD_CONFIG (/etc/containerd/config.toml)
+	install -D -m 0755 target/release/$(SHIM) $(DESTDIR)$(PREFIX)/bin/$(SHIM)
+	bash scripts/register-runtime.sh $(CONTAINERD_CONFIG)
+
+uninstall: ## remove the shim from PATH (the config entry stays: remove it by hand)
+	rm -f $(DESTDIR)$(PREFIX)/bin/$(SHIM)
+
+image: ## build the test image (OCI tar from local busybox-static)
+	bash scripts/build-test-image.sh $(IMAGE_TAR)
+
+demo: deps install ## the main job: install, build, register, run a container, checkpoint it (live, then exit), restore it, show it continued
+	bash scripts/demo.sh
+
+unit: ## unit tests of the shim
+	$(CARGO) test -p $(SHIM) -p shim-protos
+
+integration: build image ## integration tests: private containerd + runc + CRIU, every scenario on io.containerd.runc.v2 and io.containerd.custom.v2
+	SHIMTEST_IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) $(CARGO) test -p integration --no-fail-fast -- --test-threads=2
+
+test: unit integration ## all tests (needs root and `make deps`)
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+clean: ## remove build output
+	$(CARGO) clean
