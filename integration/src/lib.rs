@@ -37,6 +37,7 @@
 //!   pass `--fifo-dir` inside the temp dir.
 
 mod api;
+pub mod checkpoint;
 mod containerd;
 pub mod host;
 pub mod poll;

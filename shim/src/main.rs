@@ -16,7 +16,9 @@ mod shim;
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_NAME: &str = "io.containerd.custom.v2";
 
-#[tokio::main]
+// One thread: a shim is mostly idle, and every thread costs memory. Blocking work
+// (freezing, the rootfs diff) goes to the blocking pool.
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args

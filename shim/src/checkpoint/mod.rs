@@ -84,6 +84,8 @@ impl Container {
             return Err(Error::InvalidArgument("checkpoint path is empty".into()));
         }
         fs::create_dir_all(&image).map_err(Error::io(format!("create {}", image.display())))?;
+        // What was there before is the caller's; only what this checkpoint adds is removed on failure.
+        let existing = entry_names(&image);
         // A work dir of our own (CRIU's logs), kept on failure under the bundle.
         let work = if opts.work_path.is_empty() {
             tempfile::Builder::new()
@@ -104,9 +106,7 @@ impl Container {
             Ok(()) => {}
             Err(_) => {
                 // Nothing partial stays where the checkpoint was to go.
-                if opts.image_path.is_empty() {
-                    clear_dir(&image);
-                }
+                remove_new_entries(&image, &existing);
                 if own_work {
                     let _ = fs::remove_dir_all(&work);
                 }
@@ -292,15 +292,21 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn clear_dir(dir: &Path) {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+fn entry_names(dir: &Path) -> std::collections::HashSet<std::ffi::OsString> {
+    fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default()
+}
+
+fn remove_new_entries(dir: &Path, keep: &std::collections::HashSet<std::ffi::OsString>) {
+    for name in entry_names(dir).difference(keep) {
+        let p = dir.join(name);
+        let removed = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            _ => fs::remove_file(&p),
+        };
+        if let Err(e) = removed {
+            warn!("remove partial checkpoint file {}: {e}", p.display());
         }
     }
 }

@@ -38,8 +38,7 @@ pub fn overlay_of(rootfs: &Path) -> Result<Overlay> {
     // The last mount on the path is the one in effect.
     let line = mountinfo
         .lines()
-        .filter(|l| l.split_whitespace().nth(4) == Some(&*target))
-        .last()
+        .rfind(|l| l.split_whitespace().nth(4) == Some(&*target))
         .ok_or_else(|| {
             Error::FailedPrecondition(format!("rootfs {target} is not a mount point"))
         })?;
@@ -593,7 +592,8 @@ mod tests {
 
     #[test]
     fn hostile_names_are_refused_and_nothing_outside_is_touched() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut Builder<Vec<u8>>)>, Vec<&str>)> = vec![
+        type Build = Box<dyn FnOnce(&mut Builder<Vec<u8>>)>;
+        let cases: Vec<(&str, Build, Vec<&str>)> = vec![
             (
                 "dotdot",
                 Box::new(|b| raw_entry(b, "../canary", EntryType::Regular, None, b"pwned")),

@@ -431,7 +431,7 @@ mod tests {
             async move { runc.start("x").await }
         });
         // Reap whatever child exits and hand it to the reaper.
-        let status = tokio::task::spawn_blocking(|| nix::sys::wait::wait())
+        let status = tokio::task::spawn_blocking(nix::sys::wait::wait)
             .await
             .unwrap()
             .unwrap();

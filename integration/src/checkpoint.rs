@@ -1,0 +1,478 @@
+//! Checkpoint/restore through containerd's gRPC API, the way clients other than ctr do it:
+//! Tasks.Checkpoint with no client-side pause (the shim's own freeze is all there is), under a
+//! lease so that containerd keeps the checkpoint blob, and a restore into a NEW container made
+//! from a fresh snapshot of the image (no rw layer carried by the client) through Tasks.Create
+//! with the checkpoint descriptor, then Tasks.Start.
+//!
+//! What the restore does mirrors containerd's Go client (`client.Restore` with
+//! `WithRestoreImage` + `WithRestoreSpec`, then `NewTask(..., WithTaskCheckpoint(...))`):
+//! `Snapshots.Prepare(new_id, <image chain id>)`, `Containers.Create` with the original spec,
+//! `Snapshots.Mounts` as the task's rootfs, `CreateTaskRequest.checkpoint` = the descriptor of
+//! the `application/vnd.containerd.container.criu.checkpoint.criu.tar` blob. Unlike
+//! `WithRestoreSpec` it points `linux.cgroupsPath` at the new container (ctr's spec names the
+//! original's cgroup, which a leave-running original still uses), and it can pick the runtime.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    MountsRequest, PrepareSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    container::Runtime as ContainerRuntime, CheckpointTaskRequest, Container,
+    CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
+    GetContainerRequest, StartRequest,
+};
+use containerd_client::tonic::transport::Channel;
+use containerd_client::tonic::Request;
+use containerd_client::types::Descriptor;
+use prost::Message;
+use prost_types::Any;
+
+use crate::process::run_with_timeout;
+use crate::{show, Containerd, Runtime};
+
+/// Media type of the blob containerd makes of a checkpoint directory.
+pub const CRIU_CHECKPOINT_MEDIA_TYPE: &str =
+    "application/vnd.containerd.container.criu.checkpoint.criu.tar";
+/// Type URL under which containerd and both shims know the runc checkpoint options.
+pub const CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
+/// The container annotation that turns the custom shim's freeze off (test only).
+pub const NO_FREEZE_ANNOTATION: &str = "dev.custom-shim.test/no-freeze";
+/// Files the custom shim adds to a checkpoint directory.
+pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+pub const DELETED_FILES: &str = "deleted.files";
+pub const SHIM_METADATA: &str = "custom-shim-checkpoint.json";
+
+/// `containerd.runc.v1.CheckpointOptions` (api/types/runc/options/oci.proto), which
+/// containerd-client does not generate.
+#[derive(Clone, PartialEq, Message)]
+pub struct CheckpointOptions {
+    #[prost(bool, tag = "1")]
+    pub exit: bool,
+    #[prost(bool, tag = "2")]
+    pub open_tcp: bool,
+    #[prost(bool, tag = "3")]
+    pub external_unix_sockets: bool,
+    #[prost(bool, tag = "4")]
+    pub terminal: bool,
+    #[prost(bool, tag = "5")]
+    pub file_locks: bool,
+    #[prost(string, repeated, tag = "6")]
+    pub empty_namespaces: Vec<String>,
+    #[prost(string, tag = "7")]
+    pub cgroups_mode: String,
+    #[prost(string, tag = "8")]
+    pub image_path: String,
+    #[prost(string, tag = "9")]
+    pub work_path: String,
+}
+
+impl CheckpointOptions {
+    pub fn to_any(&self) -> Any {
+        Any {
+            type_url: CHECKPOINT_OPTIONS_TYPE_URL.to_string(),
+            value: self.encode_to_vec(),
+        }
+    }
+}
+
+/// A connection to one containerd, in its namespace, optionally under a lease.
+pub struct Api {
+    rt: tokio::runtime::Runtime,
+    channel: Channel,
+    namespace: String,
+    lease: Option<String>,
+    root: PathBuf,
+}
+
+impl Api {
+    /// Connects to `cd`'s gRPC socket.
+    pub fn connect(cd: &Containerd) -> Api {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let address = cd.address().to_path_buf();
+        let channel = rt
+            .block_on(containerd_client::connect(&address))
+            .unwrap_or_else(|e| panic!("connect {}: {e}", address.display()));
+        Api {
+            rt,
+            channel,
+            namespace: cd.namespace().to_string(),
+            lease: None,
+            root: cd.root_dir().to_path_buf(),
+        }
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("namespace as metadata"),
+        );
+        if let Some(lease) = &self.lease {
+            md.insert(
+                "containerd-lease",
+                lease.parse().expect("lease as metadata"),
+            );
+        }
+        req
+    }
+
+    /// Leases.Create, then carries the lease on every later request (content and snapshots
+    /// made under it survive containerd's garbage collection). Returns the lease id.
+    pub fn use_new_lease(&mut self, id: &str) -> String {
+        let req = self.request(CreateLeaseRequest {
+            id: id.to_string(),
+            labels: HashMap::new(),
+        });
+        let mut client = LeasesClient::new(self.channel.clone());
+        let lease = self
+            .rt
+            .block_on(client.create(req))
+            .unwrap_or_else(|s| panic!("Leases.Create({id}): {s}"))
+            .into_inner()
+            .lease
+            .expect("lease in Leases.Create response");
+        self.lease = Some(lease.id.clone());
+        lease.id
+    }
+
+    /// Tasks.Checkpoint of container `id`, nothing else around it (no pause). `opts` None sends
+    /// no options at all. Returns the descriptors containerd made (the checkpoint blob and the
+    /// spec), or the gRPC error as text.
+    pub fn checkpoint(
+        &self,
+        id: &str,
+        opts: Option<&CheckpointOptions>,
+    ) -> Result<Vec<Descriptor>, String> {
+        let req = self.request(CheckpointTaskRequest {
+            container_id: id.to_string(),
+            parent_checkpoint: String::new(),
+            options: opts.map(CheckpointOptions::to_any),
+        });
+        let mut client = TasksClient::new(self.channel.clone());
+        self.rt
+            .block_on(client.checkpoint(req))
+            .map(|r| r.into_inner().descriptors)
+            .map_err(|s| format!("Tasks.Checkpoint({id}): {} ({:?})", s.message(), s.code()))
+    }
+
+    /// Like [`Self::checkpoint`], asserting success, returning the checkpoint blob's descriptor.
+    pub fn checkpoint_ok(&self, id: &str, opts: Option<&CheckpointOptions>) -> Descriptor {
+        let descs = self.checkpoint(id, opts).unwrap_or_else(|e| panic!("{e}"));
+        descs
+            .iter()
+            .find(|d| d.media_type == CRIU_CHECKPOINT_MEDIA_TYPE)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {CRIU_CHECKPOINT_MEDIA_TYPE} descriptor in {descs:?}"))
+    }
+
+    /// Containers.Get.
+    pub fn container(&self, id: &str) -> Container {
+        let req = self.request(GetContainerRequest { id: id.to_string() });
+        let mut client = ContainersClient::new(self.channel.clone());
+        self.rt
+            .block_on(client.get(req))
+            .unwrap_or_else(|s| panic!("Containers.Get({id}): {s}"))
+            .into_inner()
+            .container
+            .expect("container in Containers.Get response")
+    }
+
+    /// Creates container `new_id` like `template` (same image, same spec but its own cgroup,
+    /// `annotations` added) on runtime `rt`, with a FRESH snapshot of the image (the parent of
+    /// the template's snapshot), as containerd's `client.Restore` does.
+    pub fn create_container_like(
+        &self,
+        template: &str,
+        new_id: &str,
+        rt: Runtime,
+        annotations: &[(&str, &str)],
+    ) {
+        let t = self.container(template);
+        let mut snaps = SnapshotsClient::new(self.channel.clone());
+        let info = self
+            .rt
+            .block_on(snaps.stat(self.request(StatSnapshotRequest {
+                snapshotter: t.snapshotter.clone(),
+                key: t.snapshot_key.clone(),
+            })))
+            .unwrap_or_else(|s| panic!("Snapshots.Stat({}): {s}", t.snapshot_key))
+            .into_inner()
+            .info
+            .expect("info in Snapshots.Stat response");
+        assert!(
+            !info.parent.is_empty(),
+            "snapshot {} of {template} has no parent",
+            t.snapshot_key
+        );
+        self.rt
+            .block_on(snaps.prepare(self.request(PrepareSnapshotRequest {
+                snapshotter: t.snapshotter.clone(),
+                key: new_id.to_string(),
+                parent: info.parent.clone(),
+                labels: HashMap::new(),
+            })))
+            .unwrap_or_else(|s| panic!("Snapshots.Prepare({new_id}): {s}"));
+
+        let spec_any = t.spec.clone().expect("template has a spec");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&spec_any.value).expect("spec is JSON");
+        spec["linux"]["cgroupsPath"] =
+            serde_json::Value::String(format!("/{}/{new_id}", self.namespace));
+        for (k, v) in annotations {
+            if !spec["annotations"].is_object() {
+                spec["annotations"] = serde_json::json!({});
+            }
+            spec["annotations"][*k] = serde_json::Value::String(v.to_string());
+        }
+        let runtime_options = t.runtime.as_ref().and_then(|r| r.options.clone());
+        let container = Container {
+            id: new_id.to_string(),
+            image: t.image.clone(),
+            runtime: Some(ContainerRuntime {
+                name: rt.name().to_string(),
+                options: runtime_options,
+            }),
+            spec: Some(Any {
+                type_url: spec_any.type_url.clone(),
+                value: serde_json::to_vec(&spec).expect("encode spec"),
+            }),
+            snapshotter: t.snapshotter.clone(),
+            snapshot_key: new_id.to_string(),
+            ..Default::default()
+        };
+        let mut client = ContainersClient::new(self.channel.clone());
+        self.rt
+            .block_on(client.create(self.request(CreateContainerRequest {
+                container: Some(container),
+            })))
+            .unwrap_or_else(|s| panic!("Containers.Create({new_id}): {s}"));
+    }
+
+    /// Tasks.Create for container `id` (rootfs from its snapshot, no IO) with `checkpoint` as
+    /// the checkpoint to restore, then Tasks.Start. Returns the restored init's pid.
+    pub fn create_task_from_checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &Descriptor,
+    ) -> Result<u32, String> {
+        let c = self.container(id);
+        let mut snaps = SnapshotsClient::new(self.channel.clone());
+        let mounts = self
+            .rt
+            .block_on(snaps.mounts(self.request(MountsRequest {
+                snapshotter: c.snapshotter.clone(),
+                key: c.snapshot_key.clone(),
+            })))
+            .map_err(|s| format!("Snapshots.Mounts({}): {s}", c.snapshot_key))?
+            .into_inner()
+            .mounts;
+        let mut tasks = TasksClient::new(self.channel.clone());
+        self.rt
+            .block_on(tasks.create(self.request(CreateTaskRequest {
+                container_id: id.to_string(),
+                rootfs: mounts,
+                checkpoint: Some(checkpoint.clone()),
+                ..Default::default()
+            })))
+            .map_err(|s| format!("Tasks.Create({id}) from a checkpoint: {}", s.message()))?;
+        let started = self
+            .rt
+            .block_on(tasks.start(self.request(StartRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            })))
+            .map_err(|s| format!("Tasks.Start({id}) (restore): {}", s.message()))?;
+        Ok(started.into_inner().pid)
+    }
+
+    /// [`Self::create_container_like`] + [`Self::create_task_from_checkpoint`].
+    pub fn restore_as_new(
+        &self,
+        template: &str,
+        new_id: &str,
+        rt: Runtime,
+        checkpoint: &Descriptor,
+    ) -> Result<u32, String> {
+        self.create_container_like(template, new_id, rt, &[]);
+        self.create_task_from_checkpoint(new_id, checkpoint)
+    }
+
+    /// Where containerd keeps the blob of `desc` (content store under the daemon's root).
+    pub fn blob_path(&self, desc: &Descriptor) -> PathBuf {
+        let hex = desc
+            .digest
+            .strip_prefix("sha256:")
+            .unwrap_or_else(|| panic!("unexpected digest {}", desc.digest));
+        self.root
+            .join("io.containerd.content.v1.content/blobs/sha256")
+            .join(hex)
+    }
+}
+
+/// Names of the entries of tar file `tar` as `tar -tf` prints them.
+pub fn tar_list(tar: &Path) -> Vec<String> {
+    let mut c = Command::new("tar");
+    c.arg("-tf").arg(tar);
+    let out = run_with_timeout(&mut c, None, Duration::from_secs(30)).expect("tar -tf");
+    assert!(
+        out.status.success(),
+        "tar -tf {}: {}",
+        tar.display(),
+        show(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `name` as an absolute path, whatever prefix (`./`, `/`, none) the tar used.
+pub fn tar_name_to_path(name: &str) -> String {
+    format!(
+        "/{}",
+        name.trim_start_matches("./")
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+    )
+}
+
+/// The content of the entry of tar file `tar` naming absolute path `path`; None when absent.
+pub fn tar_member(tar: &Path, path: &str) -> Option<Vec<u8>> {
+    let name = tar_list(tar)
+        .into_iter()
+        .find(|n| tar_name_to_path(n) == tar_name_to_path(path))?;
+    let mut c = Command::new("tar");
+    c.arg("-xOf").arg(tar).arg(&name);
+    let out = run_with_timeout(&mut c, None, Duration::from_secs(30)).expect("tar -xOf");
+    out.status.success().then_some(out.stdout)
+}
+
+/// Entry `member` of the tar stored as entry `inner` of tar `outer` (the rootfs diff inside a
+/// checkpoint blob), written to `scratch` on the way.
+pub fn nested_tar_member(
+    outer: &Path,
+    inner: &str,
+    member: &str,
+    scratch: &Path,
+) -> Option<Vec<u8>> {
+    let bytes = tar_member(outer, inner)?;
+    std::fs::write(scratch, bytes).ok()?;
+    let r = tar_member(scratch, member);
+    let _ = std::fs::remove_file(scratch);
+    r
+}
+
+// ---- workloads and ctr helpers shared by the checkpoint scenarios --------------------------------
+
+/// A counter that keeps `<token> <i>` in `<dir>/count` (`dir` inside the container), ticking
+/// every ~20 ms. The token is drawn once at start and kept in memory: a restored process writes
+/// the original's token, a process that started over a new one. The file is overwritten in
+/// place (`1<>`, no truncation; the text only grows) because ext4 flushes a file truncated and
+/// rewritten on close (auto_da_alloc).
+pub fn counter_script(dir: &str) -> String {
+    format!(
+        "tok=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n'); i=0; \
+         while :; do i=$((i+1)); echo \"$tok $i\" 1<> {dir}/count; sleep 0.02; done"
+    )
+}
+
+/// `(token, count)` of a [`counter_script`] counter, read through `/proc/<pid>/root`.
+pub fn read_counter(pid: u32, dir: &str) -> Option<(String, u64)> {
+    let text = crate::read_in_container(pid, &format!("{dir}/count"))?;
+    let mut parts = text.split_whitespace();
+    let tok = parts.next()?.to_string();
+    let n = parts.next()?.parse().ok()?;
+    Some((tok, n))
+}
+
+/// Waits until the counter of `pid` is past `n`; returns it.
+pub fn wait_counter_past(pid: u32, dir: &str, n: u64) -> (String, u64) {
+    crate::poll(
+        format!("counter {dir}/count of pid {pid} past {n}"),
+        Duration::from_secs(30),
+        || read_counter(pid, dir).filter(|(_, c)| *c > n),
+    )
+}
+
+impl Containerd {
+    /// `ctr run -d --null-io <flags> --runtime <rt> IMAGE <id> <cmd...>`, then waits for RUNNING.
+    pub fn run_detached_with(
+        &self,
+        rt: Runtime,
+        id: &str,
+        flags: &[&str],
+        cmd: &[&str],
+    ) -> crate::TaskInfo {
+        let mut args = vec!["run", "--fifo-dir", self.fifo_dir(), "-d", "--null-io"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--runtime", rt.name(), crate::IMAGE, id]);
+        args.extend_from_slice(cmd);
+        self.ctr_ok(args);
+        self.wait_task_status(id, "RUNNING", crate::STATE_TIMEOUT)
+    }
+
+    /// Kills task `id` (SIGKILL), waits for STOPPED, deletes the task.
+    pub fn kill_and_delete_task(&self, id: &str) {
+        self.kill(id, "SIGKILL");
+        self.wait_task_status(id, "STOPPED", crate::STATE_TIMEOUT);
+        self.ctr_ok(["tasks", "delete", id]);
+    }
+
+    /// The digest of image `reference` (`ctr images ls`).
+    pub fn image_digest(&self, reference: &str) -> Option<String> {
+        let out = self.ctr_ok(["images", "ls"]);
+        out.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&reference))
+                .then(|| {
+                    cols.iter()
+                        .find(|c| c.starts_with("sha256:"))
+                        .map(|c| c.to_string())
+                })
+                .flatten()
+        })
+    }
+
+    /// The OCI index of image `reference` (`ctr content get`), parsed.
+    pub fn image_index(&self, reference: &str) -> serde_json::Value {
+        let digest = self
+            .image_digest(reference)
+            .unwrap_or_else(|| panic!("no image {reference} in ctr images ls"));
+        let text = self.ctr_ok(["content", "get", &digest]);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("index of {reference} is not JSON ({e}): {text}"))
+    }
+
+    /// The descriptor of the CRIU checkpoint blob in checkpoint image `reference`.
+    pub fn checkpoint_descriptor(&self, reference: &str) -> Descriptor {
+        let index = self.image_index(reference);
+        let m = index["manifests"]
+            .as_array()
+            .and_then(|ms| {
+                ms.iter()
+                    .find(|m| m["mediaType"] == CRIU_CHECKPOINT_MEDIA_TYPE)
+            })
+            .unwrap_or_else(|| {
+                panic!("no {CRIU_CHECKPOINT_MEDIA_TYPE} in the index of {reference}: {index:#}")
+            });
+        Descriptor {
+            media_type: CRIU_CHECKPOINT_MEDIA_TYPE.to_string(),
+            digest: m["digest"].as_str().expect("digest").to_string(),
+            size: m["size"].as_i64().expect("size"),
+            annotations: HashMap::new(),
+        }
+    }
+}
