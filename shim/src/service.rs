@@ -60,19 +60,24 @@ impl Service {
 
     fn watch_oom(&self, c: &Container) {
         let pid = c.init.pid();
-        let Some(memory) = cgroup::v1_memory_of(pid) else {
-            debug!("container {}: no v1 memory cgroup to watch for OOM", c.id);
-            return;
-        };
         let publisher = self.shared.publisher.clone();
         let id = c.id.clone();
-        if let Err(e) = cgroup::oom::watch_v1(memory, move || {
+        let on_oom = move || {
             info!("container {id}: OOM");
             publisher.publish(TaskOOM {
                 container_id: id.clone(),
                 ..Default::default()
             });
-        }) {
+        };
+        let watched = if let Some(memory) = cgroup::v1_memory_of(pid) {
+            cgroup::oom::watch_v1(memory, on_oom)
+        } else if let Some(dir) = cgroup::v2_dir_of(pid) {
+            cgroup::oom::watch_v2(dir, on_oom)
+        } else {
+            debug!("container {}: no memory cgroup to watch for OOM", c.id);
+            return;
+        };
+        if let Err(e) = watched {
             warn!("container {}: OOM events unavailable: {e}", c.id);
         }
     }

@@ -68,6 +68,17 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     cgroup2_mount_in(&mounts)
 }
 
+/// The v2 cgroup directory of `pid` when the host runs cgroup v2 alone
+/// (on a hybrid host runc puts containers in v1, and OOMs are watched there).
+pub fn v2_dir_of(pid: i32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    match freezer_from(&text, &mounts)? {
+        Freezer::V2(dir) if dir.join("memory.events").exists() => Some(dir),
+        _ => None,
+    }
+}
+
 /// The v1 memory cgroup directory of `pid`, for OOM notifications.
 pub fn v1_memory_of(pid: i32) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;

@@ -66,3 +66,88 @@ where
 fn cgroup_alive(dir: &Path) -> bool {
     dir.join("memory.oom_control").exists()
 }
+
+/// Calls `on_oom` each time `oom_kill` grows in a v2 cgroup's `memory.events`,
+/// watched with inotify, until the cgroup goes away.
+pub fn watch_v2<F>(cgroup: PathBuf, on_oom: F) -> Result<()>
+where
+    F: Fn() + Send + 'static,
+{
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let events = cgroup.join("memory.events");
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .map_err(Error::nix("inotify"))?;
+    inotify
+        .add_watch(&events, AddWatchFlags::IN_MODIFY)
+        .map_err(Error::nix(format!("watch {}", events.display())))?;
+    let mut last = oom_kills(&events).unwrap_or(0);
+    // SAFETY: the AsyncFd owns the inotify instance for as long as it is registered.
+    let fd = unsafe { AsyncFd::register(InotifyFd(inotify)) }
+        .map_err(std::io::Error::from)
+        .map_err(Error::io("register inotify"))?;
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable().await {
+                Ok(g) => g,
+                Err(e) => {
+                    warn!("oom inotify: {e}");
+                    return;
+                }
+            };
+            match guard.try_io(|i| i.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                Ok(Ok(_)) => {
+                    let Some(now) = oom_kills(&events) else {
+                        debug!("cgroup {} removed", cgroup.display());
+                        return;
+                    };
+                    if now > last {
+                        last = now;
+                        on_oom();
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!("oom inotify read: {e}");
+                    return;
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    });
+    Ok(())
+}
+
+/// nix's Inotify is AsFd only; tokio wants AsRawFd.
+struct InotifyFd(nix::sys::inotify::Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+fn oom_kills(events: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(events).ok()?;
+    Some(parse_oom_kills(&text))
+}
+
+fn parse_oom_kills(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_kill_counter_is_read() {
+        assert_eq!(
+            parse_oom_kills("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n"),
+            2
+        );
+        assert_eq!(parse_oom_kills("low 0\n"), 0);
+    }
+}
