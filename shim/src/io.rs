@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io::IoSliceMut,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,7 +12,7 @@ use std::{
 use containerd_shim::asynchronous::io::{IoTasks, Pty, Stdio};
 use nix::{
     sys::socket::{recvmsg, ControlMessageOwned, MsgFlags},
-    unistd::{fchown, pipe, Gid, Uid},
+    unistd::{fchown, Gid, Uid},
 };
 use tokio::net::{
     unix::pipe::{Receiver, Sender},
@@ -71,14 +71,15 @@ pub struct PendingIo {
 
 /// Pipes for a process without a terminal (copies start at once), or a console
 /// socket for one with a terminal (wired up in [`PendingIo::finish`]).
-pub fn prepare(stdio: &Stdio, io_uid: u32, io_gid: u32) -> Result<PendingIo> {
+pub fn prepare(stdio: &Stdio, owner: &IoOwner) -> Result<PendingIo> {
+    let (io_uid, io_gid) = (owner.uid, owner.gid);
     let io = ProcessIo::default();
     let mut child = ProcStdio::default();
     let console_socket = if stdio.terminal {
         Some(ConsoleSocket::new()?)
     } else {
         if !stdio.stdin.is_empty() {
-            let (r, w) = pipe().map_err(Error::nix("stdin pipe"))?;
+            let (r, w) = cloexec_pipe()?;
             chown_io(&r, io_uid, io_gid)?;
             let w = Sender::from_owned_fd(w).map_err(Error::io("stdin pipe"))?;
             io.tasks
@@ -86,20 +87,32 @@ pub fn prepare(stdio: &Stdio, io_uid: u32, io_gid: u32) -> Result<PendingIo> {
                 .map_err(Error::shim(format!("copy stdin from {}", stdio.stdin)))?;
             child.stdin = Some(r);
         }
-        for (path, slot) in [
-            (&stdio.stdout, &mut child.stdout),
-            (&stdio.stderr, &mut child.stderr),
-        ] {
-            if path.is_empty() {
-                continue;
+        if let Some(binary) = stdio.stdout.strip_prefix("binary://") {
+            // One logging process takes both streams (fd 3 and 4), as with the Go shim.
+            let (out, err) = spawn_log_binary(binary, owner)?;
+            child.stdout = Some(out);
+            child.stderr = Some(err);
+        } else {
+            for (path, slot) in [
+                (&stdio.stdout, &mut child.stdout),
+                (&stdio.stderr, &mut child.stderr),
+            ] {
+                if path.is_empty() {
+                    continue;
+                }
+                let (r, w) = cloexec_pipe()?;
+                chown_io(&w, io_uid, io_gid)?;
+                let r = Receiver::from_owned_fd(r).map_err(Error::io("output pipe"))?;
+                if let Some(file) = path.strip_prefix("file://") {
+                    copy_to_file(r, file)?;
+                } else {
+                    let fifo = path.strip_prefix("fifo://").unwrap_or(path);
+                    io.tasks
+                        .copy_to_fifo(r, fifo)
+                        .map_err(Error::shim(format!("copy output to {path}")))?;
+                }
+                *slot = Some(w);
             }
-            let (r, w) = pipe().map_err(Error::nix("output pipe"))?;
-            chown_io(&w, io_uid, io_gid)?;
-            let r = Receiver::from_owned_fd(r).map_err(Error::io("output pipe"))?;
-            io.tasks
-                .copy_to_fifo(r, path)
-                .map_err(Error::shim(format!("copy output to {path}")))?;
-            *slot = Some(w);
         }
         None
     };
@@ -158,6 +171,97 @@ impl PendingIo {
         }
         self.io.console = Some(pty);
         Ok(self.io)
+    }
+}
+
+/// Who the stdio belongs to: owner of the pipes, and what a logging binary is told.
+pub struct IoOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub container_id: String,
+    pub namespace: String,
+}
+
+/// How long a `binary://` logger may take to say it is ready, as the Go shim allows.
+const LOGGER_READY_TIMEOUT_MS: u16 = 10_000;
+
+/// Pipes never leak into runc or other containers: only the dup'ed stdio does.
+fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::nix("pipe"))
+}
+
+/// `file:///path` log URIs: output appended to a file the shim opens.
+fn copy_to_file(mut from: Receiver, path: &str) -> Result<()> {
+    let path = Path::new(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(Error::io(format!("open log file {}", path.display())))?;
+    let mut file = tokio::fs::File::from_std(file);
+    tokio::spawn(async move {
+        if let Err(e) = tokio::io::copy(&mut from, &mut file).await {
+            log::warn!("copy output to log file: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// `binary:///path?arg=value` log URIs: a logging program gets the process's
+/// stdout and stderr as fd 3 and 4, and closes fd 5 once it is ready.
+fn spawn_log_binary(uri: &str, owner: &IoOwner) -> Result<(OwnedFd, OwnedFd)> {
+    let (io_uid, io_gid) = (owner.uid, owner.gid);
+    use std::os::unix::process::CommandExt;
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        args.push(k.to_string());
+        if !v.is_empty() {
+            args.push(v.to_string());
+        }
+    }
+    let (out_r, out_w) = cloexec_pipe()?;
+    let (err_r, err_w) = cloexec_pipe()?;
+    let (ready_r, ready_w) = cloexec_pipe()?;
+    chown_io(&out_w, io_uid, io_gid)?;
+    chown_io(&err_w, io_uid, io_gid)?;
+    let fds = [out_r.as_raw_fd(), err_r.as_raw_fd(), ready_w.as_raw_fd()];
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(&args)
+        .env("CONTAINER_ID", &owner.container_id)
+        .env("CONTAINER_NAMESPACE", &owner.namespace)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe dup2 calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in fds.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    // The reaper collects its exit; nothing waits on the Child.
+    let _child = cmd
+        .spawn()
+        .map_err(Error::io(format!("start logging binary {path}")))?;
+    drop((out_r, err_r, ready_w));
+    // Ready once the logger closed its end of the ready pipe (or exited).
+    let mut pfd = [nix::poll::PollFd::new(
+        ready_r.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut pfd, LOGGER_READY_TIMEOUT_MS) {
+        Ok(0) => Err(Error::Internal(format!(
+            "logging binary {path} did not get ready"
+        ))),
+        Ok(_) => Ok((out_w, err_w)),
+        Err(e) => Err(Error::nix("wait for logging binary")(e)),
     }
 }
 

@@ -236,9 +236,13 @@ impl Container {
             return e;
         }
         let message = first_criu_error(&kept).unwrap_or_else(|| e.to_string());
+        // runc names the log in the work dir, which is gone by now: name the kept copy.
+        let runc_said = e
+            .to_string()
+            .replace(&log.display().to_string(), &kept.display().to_string());
         Error::Criu {
             action,
-            message: format!("{message} ({e})"),
+            message: format!("{message} ({runc_said})"),
             log: kept,
         }
     }

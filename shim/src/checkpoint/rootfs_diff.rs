@@ -355,9 +355,6 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                     .map_err(Error::io(format!("create {}", path.display())))?;
                 stats.bytes += io::copy(&mut entry, &mut f)
                     .map_err(Error::io(format!("write {}", path.display())))?;
-                drop(f);
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                    .map_err(Error::io(format!("chmod {}", path.display())))?;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -411,15 +408,16 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                 )))
             }
         }
-        apply_xattrs(&mut entry, &path)?;
-        set_owner_and_times(&path, &header, kind == EntryType::Symlink)?;
+        if kind != EntryType::Directory {
+            finish(&path, &header, kind == EntryType::Symlink)?;
+            apply_xattrs(&mut entry, &path)?;
+        } else {
+            apply_xattrs(&mut entry, &path)?;
+        }
         stats.entries += 1;
     }
     for (path, header) in dirs.into_iter().rev() {
-        let mode = header.mode().unwrap_or(0o755) & 0o7777;
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-            .map_err(Error::io(format!("chmod {}", path.display())))?;
-        set_owner_and_times(&path, &header, false)?;
+        finish(&path, &header, false)?;
     }
     Ok(stats)
 }
@@ -441,7 +439,19 @@ fn apply_xattrs<R: io::Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Resu
     Ok(())
 }
 
-fn set_owner_and_times(path: &Path, header: &Header, symlink: bool) -> Result<()> {
+/// Owner, then mode, then times: the kernel clears setuid/setgid on chown,
+/// so the mode must come after it (and file capabilities, xattrs, after both).
+fn finish(path: &Path, header: &Header, symlink: bool) -> Result<()> {
+    set_owner(path, header)?;
+    if !symlink {
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(Error::io(format!("chmod {}", path.display())))?;
+    }
+    set_times(path, header, symlink)
+}
+
+fn set_owner(path: &Path, header: &Header) -> Result<()> {
     let uid = header
         .uid()
         .ok()
@@ -457,7 +467,10 @@ fn set_owner_and_times(path: &Path, header: &Header, symlink: bool) -> Result<()
         gid,
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
-    .map_err(Error::nix(format!("chown {}", path.display())))?;
+    .map_err(Error::nix(format!("chown {}", path.display())))
+}
+
+fn set_times(path: &Path, header: &Header, symlink: bool) -> Result<()> {
     if let Ok(mtime) = header.mtime() {
         let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
         let flag = if symlink {
@@ -661,6 +674,31 @@ mod tests {
             fs::read_to_string(rootfs.join("etc/link")).unwrap(),
             "inside"
         );
+    }
+
+    #[test]
+    fn setuid_survives_owner_change() {
+        let (_top, rootfs, _) = sandbox();
+        let ckpt = checkpoint_with(
+            |b| {
+                let mut h = Header::new_gnu();
+                h.set_path("suid").unwrap();
+                h.set_entry_type(EntryType::Regular);
+                h.set_mode(0o4755);
+                h.set_uid(1234);
+                h.set_gid(5678);
+                h.set_size(1);
+                h.set_cksum();
+                b.append(&h, &b"x"[..]).unwrap();
+            },
+            &[],
+        );
+        apply(ckpt.path(), &rootfs).unwrap();
+        let m = fs::metadata(rootfs.join("suid")).unwrap();
+        if nix::unistd::Uid::effective().is_root() {
+            assert_eq!((m.uid(), m.gid()), (1234, 5678));
+        }
+        assert_eq!(m.mode() & 0o7777, 0o4755);
     }
 
     #[test]

@@ -50,7 +50,7 @@ impl Container {
         .map_err(Error::io("write exec process file"))?;
         let pid_file = self.bundle.join(format!("{exec_id}.pid"));
         remove_quietly(&pid_file);
-        let mut pending = io::prepare(&process.stdio, self.options.io_uid, self.options.io_gid)?;
+        let mut pending = io::prepare(&process.stdio, &self.io_owner())?;
         let console = pending.console_path();
         let child = pending.take_child();
         let started = Instant::now();

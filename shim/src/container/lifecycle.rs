@@ -90,7 +90,7 @@ impl Container {
 
     async fn runc_create(self: &Arc<Self>) -> Result<()> {
         let pid_file = self.bundle.join("init.pid");
-        let mut pending = io::prepare(&self.init.stdio, self.options.io_uid, self.options.io_gid)?;
+        let mut pending = io::prepare(&self.init.stdio, &self.io_owner())?;
         let opts = CreateOpts {
             pid_file: pid_file.clone(),
             console_socket: pending.console_path(),
@@ -144,7 +144,7 @@ impl Container {
     async fn restore_init(self: &Arc<Self>, source: RestoreSource) -> Result<i32> {
         let pid_file = self.bundle.join("init.pid");
         remove_quietly(&pid_file);
-        let mut pending = io::prepare(&self.init.stdio, self.options.io_uid, self.options.io_gid)?;
+        let mut pending = io::prepare(&self.init.stdio, &self.io_owner())?;
         let opts = RestoreOpts {
             checkpoint: source.criu_opts(),
             pid_file: pid_file.clone(),

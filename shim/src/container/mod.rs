@@ -67,6 +67,15 @@ impl Container {
             .ok_or_else(|| Error::NotFound(format!("exec {exec_id} in container {}", self.id)))
     }
 
+    pub fn io_owner(&self) -> crate::io::IoOwner {
+        crate::io::IoOwner {
+            uid: self.options.io_uid,
+            gid: self.options.io_gid,
+            container_id: self.id.clone(),
+            namespace: self.shared.namespace.clone(),
+        }
+    }
+
     pub fn exec_ids(&self) -> Vec<(String, i32)> {
         lock(&self.execs)
             .values()
