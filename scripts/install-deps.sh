@@ -63,7 +63,7 @@ if ! containerd_ok; then
 fi
 say "containerd: $(containerd --version)"
 
-install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux
+install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux build-essential
 say "runc: $(runc --version | head -1)"
 
 CRIU_VERSION_MIN=4.1

@@ -267,6 +267,18 @@ impl Api {
         id: &str,
         checkpoint: &Descriptor,
     ) -> Result<u32, String> {
+        self.create_task_from_checkpoint_with_io(id, checkpoint, "", "")
+    }
+
+    /// Like [`Self::create_task_from_checkpoint`] with the task's stdout and stderr (fifo paths
+    /// or log URIs such as `file:///path`).
+    pub fn create_task_from_checkpoint_with_io(
+        &self,
+        id: &str,
+        checkpoint: &Descriptor,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<u32, String> {
         let c = self.container(id);
         let mut snaps = SnapshotsClient::new(self.channel.clone());
         let mounts = self
@@ -284,6 +296,8 @@ impl Api {
                 container_id: id.to_string(),
                 rootfs: mounts,
                 checkpoint: Some(checkpoint.clone()),
+                stdout: stdout.to_string(),
+                stderr: stderr.to_string(),
                 ..Default::default()
             })))
             .map_err(|s| format!("Tasks.Create({id}) from a checkpoint: {}", s.message()))?;
@@ -474,5 +488,129 @@ impl Containerd {
             size: m["size"].as_i64().expect("size"),
             annotations: HashMap::new(),
         }
+    }
+}
+
+/// A static program that takes an exclusive flock(2) on `argv[1]` (created if missing), then
+/// writes `argv[2]` and waits forever: CRIU refuses to dump a held file lock unless asked to.
+const LOCK_HOLDER_C: &str = r#"
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    int fd = open(argv[1], O_RDWR | O_CREAT, 0644);
+    if (fd < 0 || flock(fd, LOCK_EX) != 0) return 1;
+    int r = open(argv[2], O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (r < 0 || write(r, "locked\n", 7) != 7) return 1;
+    close(r);
+    for (;;) pause();
+}
+"#;
+
+/// The lock holder (see `LOCK_HOLDER_C`), built once per test process with `gcc -static` (the
+/// C toolchain cargo links with) into `<target>/test-bin/`.
+pub fn lock_holder() -> PathBuf {
+    static BIN: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = crate::workspace_root().join("target").join("test-bin");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        // Built under temp names and renamed: test processes may build it concurrently.
+        let src = dir.join(format!("lockhold.{}.c", std::process::id()));
+        let tmp = dir.join(format!("lockhold.{}.tmp", std::process::id()));
+        let bin = dir.join("lockhold");
+        std::fs::write(&src, LOCK_HOLDER_C).map_err(|e| e.to_string())?;
+        let mut c = Command::new("gcc");
+        c.args(["-static", "-O2", "-o"]).arg(&tmp).arg(&src);
+        let out = run_with_timeout(&mut c, None, Duration::from_secs(120));
+        let _ = std::fs::remove_file(&src);
+        let out = out?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!(
+                "gcc -static lockhold.c (needs libc6-dev): {}",
+                show(&out)
+            ));
+        }
+        std::fs::rename(&tmp, &bin).map_err(|e| format!("rename to {}: {e}", bin.display()))?;
+        Ok(bin)
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A named pipe made here and read by a thread (as ctr does for a task's stdout/stderr): its
+/// path goes into a CreateTaskRequest, everything written to it is kept.
+pub struct FifoReader {
+    path: PathBuf,
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl FifoReader {
+    /// Makes the fifo at `path` and starts reading it (the open waits for the writer).
+    pub fn new(path: &Path) -> FifoReader {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("fifo path");
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(
+            rc,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (p, t) = (path.to_path_buf(), text.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let Ok(mut f) = std::fs::File::open(&p) else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                t.lock()
+                    .expect("fifo text")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        FifoReader {
+            path: path.to_path_buf(),
+            text,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("utf-8 fifo path")
+    }
+
+    /// What was read so far.
+    pub fn text(&self) -> String {
+        self.text.lock().expect("fifo text").clone()
+    }
+
+    /// Polls until `f` finds what it wants in the text read so far.
+    pub fn wait_for<T>(&self, what: &str, mut f: impl FnMut(&str) -> Option<T>) -> T {
+        let mut last = String::new();
+        crate::poll_until(Duration::from_secs(30), || {
+            last = self.text();
+            f(&last)
+        })
+        .unwrap_or_else(|| {
+            let tail: String = last
+                .chars()
+                .rev()
+                .take(400)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            panic!(
+                "{what} not read from {} within 30s; last read: {tail:?}",
+                self.path.display()
+            )
+        })
     }
 }

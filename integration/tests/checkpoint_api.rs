@@ -4,7 +4,15 @@
 //! iteration; the invariant is that the file never runs ahead of memory: each iteration reads
 //! the file value `f`, writes /violation when `f > i`, then `i=i+1` and writes `i`. A checkpoint
 //! that takes memory (CRIU) and files (the rootfs diff) at different moments breaks it on
-//! restore: the process resumes with the `i` of the dump and reads a later `f`.
+//! restore: the process resumes with the `i` of the dump and reads a later `f`. The workload
+//! cannot see it when the dump caught it between reading and rewriting /count (it overwrites
+//! the newer file first), so the test also checks from outside: the restored counter must not
+//! start below the /count the checkpoint's rootfs diff holds (read from the blob containerd
+//! stored).
+//!
+//! Checkpoints: Tasks.Checkpoint with `containerd.runc.v1.CheckpointOptions` (empty), under a
+//! lease, nothing around it. Restores: a new container with a fresh snapshot of the image and
+//! Tasks.Create with the checkpoint descriptor (see `integration::checkpoint`), no --rw.
 
 use std::time::{Duration, Instant};
 
@@ -82,7 +90,9 @@ fn inspect(api: &Api, cd: &Containerd, desc: containerd_client::types::Descripto
     }
 }
 
-/// The outcome of restoring one checkpoint into a new container.
+/// The outcome of restoring one checkpoint into a new container (the fields are read through
+/// `Debug`, in the failure messages).
+#[allow(dead_code)]
 #[derive(Debug)]
 enum Outcome {
     /// Resumed, counted on past the checkpointed value, no /violation.
@@ -166,7 +176,7 @@ fn api_checkpoints_without_pause_are_consistent_custom() {
         let empty = CheckpointOptions::default();
         let mut taken = Vec::new();
         for n in 0..5 {
-            seen = wait_count_past(pid, seen + 500, "orig between checkpoints");
+            wait_count_past(pid, seen + 500, "orig between checkpoints");
             let started = Instant::now();
             let desc = api.checkpoint_ok("orig", Some(&empty));
             eprintln!("checkpoint {n}: {:?}", started.elapsed());
@@ -221,7 +231,10 @@ fn api_checkpoints_without_freeze_show_the_violation_custom() {
         let mut api = Api::connect(cd);
         api.use_new_lease("no-freeze");
         let empty = CheckpointOptions::default();
-        const ATTEMPTS: usize = 10;
+        // Whether the counter runs between CRIU's thaw and the diff depends on the scheduler:
+        // on an idle machine the first attempt shows it, under a load of 7 on 2 cores it took
+        // up to 4. Stops at the first inconsistency.
+        const ATTEMPTS: usize = 16;
         let mut outcomes = Vec::new();
         for n in 0..ATTEMPTS {
             seen = wait_count_past(pid, seen + 500, "orig between checkpoints");
