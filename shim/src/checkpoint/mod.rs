@@ -319,7 +319,6 @@ fn remove_new_entries(dir: &Path, keep: &std::collections::HashSet<std::ffi::OsS
 pub struct RestoreSource {
     image: PathBuf,
     flags: DumpFlags,
-    parent: Option<PathBuf>,
     work: PathBuf,
 }
 
@@ -332,6 +331,16 @@ impl RestoreSource {
             fs::remove_dir_all(&image).map_err(Error::io("clear old checkpoint copy"))?;
         }
         copy_images(checkpoint, &image)?;
+        // runc restore takes no parent path: CRIU follows a `parent` link among the images.
+        if let Some(parent) = &parent {
+            let kept = c.bundle.join("checkpoint-parent");
+            if kept.exists() {
+                fs::remove_dir_all(&kept).map_err(Error::io("clear old parent checkpoint"))?;
+            }
+            copy_images(parent, &kept)?;
+            std::os::unix::fs::symlink("../checkpoint-parent", image.join("parent"))
+                .map_err(Error::io("link parent checkpoint"))?;
+        }
         let stats = rootfs_diff::apply(&image, &c.rootfs)?;
         info!(
             "container {}: rootfs diff applied ({} entries, {} bytes, {} deleted)",
@@ -353,19 +362,14 @@ impl RestoreSource {
             .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
             .map(|s| s.dump_flags)
             .unwrap_or_default();
-        Ok(Self {
-            image,
-            flags,
-            parent,
-            work,
-        })
+        Ok(Self { image, flags, work })
     }
 
     pub fn criu_opts(&self) -> CheckpointOpts {
         CheckpointOpts {
             image_path: self.image.clone(),
             work_path: self.work.clone(),
-            parent_path: self.parent.clone(),
+            parent_path: None,
             leave_running: false,
             tcp_established: self.flags.tcp_established,
             ext_unix_sk: self.flags.ext_unix_sk,
