@@ -31,7 +31,7 @@ async fn main() {
         println!("  Runtime:  {RUNTIME_NAME}");
         println!(
             "  Revision: {}",
-            option_env!("SHIM_GIT_REVISION").unwrap_or("unknown")
+            env!("SHIM_GIT_REVISION")
         );
         return;
     }
