@@ -29,10 +29,7 @@ async fn main() {
         println!("containerd-shim-custom-v2:");
         println!("  Version:  {}", env!("CARGO_PKG_VERSION"));
         println!("  Runtime:  {RUNTIME_NAME}");
-        println!(
-            "  Revision: {}",
-            env!("SHIM_GIT_REVISION")
-        );
+        println!("  Revision: {}", env!("SHIM_GIT_REVISION"));
         return;
     }
     containerd_shim::asynchronous::run::<shim::CustomShim>(RUNTIME_NAME, None).await;

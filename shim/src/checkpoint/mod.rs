@@ -341,10 +341,15 @@ impl RestoreSource {
             std::os::unix::fs::symlink("../checkpoint-parent", image.join("parent"))
                 .map_err(Error::io("link parent checkpoint"))?;
         }
+        let t = Instant::now();
         let stats = rootfs_diff::apply(&image, &c.rootfs)?;
         info!(
-            "container {}: rootfs diff applied ({} entries, {} bytes, {} deleted)",
-            c.id, stats.entries, stats.bytes, stats.deleted
+            "container {}: rootfs diff applied in {:.1} ms ({} entries, {} bytes, {} deleted)",
+            c.id,
+            ms(t.elapsed()),
+            stats.entries,
+            stats.bytes,
+            stats.deleted
         );
         let work = if c.options.criu_work_path.is_empty() {
             c.bundle.join("criu-restore")

@@ -93,14 +93,16 @@ pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
         mut stats,
         ..
     } = state;
+    // No fsync: containerd reads the directory into its content store at once,
+    // and a flush here would only lengthen the freeze.
     builder
         .finish()
         .and_then(|_| {
             builder
                 .into_inner()?
                 .into_inner()
-                .map_err(|e| e.into_error())?
-                .sync_all()
+                .map_err(|e| e.into_error())
+                .map(drop)
         })
         .map_err(Error::io(format!("write {}", tar_path.display())))?;
     stats.deleted = deleted.len() as u64;
@@ -260,25 +262,45 @@ pub fn safe_relative(name: &Path, rooted: bool) -> Result<PathBuf> {
 /// directory (creating missing ones), never a symlink: nothing written
 /// through a path can land outside `root`.
 fn safe_parent(root: &Path, rel: &Path) -> Result<PathBuf> {
+    safe_parent_cached(root, rel, &mut Checked::default())
+}
+
+/// Directories under the rootfs already checked to be real directories, so
+/// that a diff of many files does not stat every parent of every entry.
+/// Cleared whenever an entry could replace a directory or add a symlink.
+#[derive(Default)]
+struct Checked(std::collections::HashSet<PathBuf>);
+
+fn safe_parent_cached(root: &Path, rel: &Path, checked: &mut Checked) -> Result<PathBuf> {
+    let Some(parent) = rel.parent() else {
+        return Ok(root.join(rel));
+    };
+    if checked.0.contains(parent) {
+        return Ok(root.join(rel));
+    }
     let mut cur = root.to_path_buf();
-    if let Some(parent) = rel.parent() {
-        for c in parent.components() {
-            cur.push(c);
-            match fs::symlink_metadata(&cur) {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "checkpoint entry {} goes through {}, which is not a directory",
-                        rel.display(),
-                        cur.display()
-                    )))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::create_dir(&cur).map_err(Error::io(format!("create {}", cur.display())))?;
-                }
-                Err(e) => return Err(Error::io(format!("stat {}", cur.display()))(e)),
-            }
+    let mut rel_cur = PathBuf::new();
+    for c in parent.components() {
+        cur.push(c);
+        rel_cur.push(c);
+        if checked.0.contains(&rel_cur) {
+            continue;
         }
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint entry {} goes through {}, which is not a directory",
+                    rel.display(),
+                    cur.display()
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(Error::io(format!("create {}", cur.display())))?;
+            }
+            Err(e) => return Err(Error::io(format!("stat {}", cur.display()))(e)),
+        }
+        checked.0.insert(rel_cur.clone());
     }
     Ok(root.join(rel))
 }
@@ -320,6 +342,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
         .entries()
         .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
     let mut dirs = Vec::new();
+    let mut checked = Checked::default();
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
         let name = entry
@@ -327,7 +350,14 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
             .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?
             .into_owned();
         let rel = safe_relative(&name, false)?;
-        let path = safe_parent(rootfs, &rel)?;
+        if !matches!(
+            entry.header().entry_type(),
+            EntryType::Regular | EntryType::Continuous | EntryType::Link
+        ) {
+            // This entry may replace a directory or add a symlink: check paths afresh.
+            checked.0.clear();
+        }
+        let path = safe_parent_cached(rootfs, &rel, &mut checked)?;
         let header = entry.header().clone();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let kind = header.entry_type();
@@ -375,7 +405,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                     .ok_or_else(|| Error::InvalidArgument(format!("hard link {} has no target", rel.display())))?
                     .into_owned();
                 let target_rel = safe_relative(&target, false)?;
-                let target_path = safe_parent(rootfs, &target_rel)?;
+                let target_path = safe_parent_cached(rootfs, &target_rel, &mut checked)?;
                 let tm = fs::symlink_metadata(&target_path).map_err(|_| {
                     Error::InvalidArgument(format!(
                         "hard link {} points to {}, which is not in the rootfs",
