@@ -6,7 +6,7 @@ CARGO ?= cargo
 SHIM := containerd-shim-custom-v2
 IMAGE_TAR := target/test-image/shimtest.tar
 
-.PHONY: help deps build release install uninstall demo test unit integration image bench lint fmt clean
+.PHONY: help deps build release install uninstall demo test unit integration image bench bench-quick lint fmt clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ integration: build image ## integration tests: private containerd + runc + CRIU,
 	SHIMTEST_IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) $(CARGO) test -p integration --no-fail-fast -- --test-threads=2
 
 test: unit integration ## all tests (needs root and `make deps`)
+
+bench: ## benchmark against containerd's Go runc shim, side by side (results in bench/results/; BENCH_ARGS to pass options)
+	bash bench/run.sh $(BENCH_ARGS)
+
+bench-quick: ## the benchmark with fewer rounds and smaller sizes, as a sanity check
+	bash bench/run.sh --quick $(BENCH_ARGS)
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

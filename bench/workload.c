@@ -1,0 +1,151 @@
+/*
+ * The benchmark's workload: a process with N MiB of touched memory that measures the longest
+ * pause it sees, so that the benchmark can tell how long a checkpoint stalls it.
+ *
+ *   workload MIB [SLEEP_US [FILES_DIR FILES_COUNT FILES_MIB]]
+ *
+ * 1. optionally writes FILES_MIB MiB of pseudo-random data as FILES_COUNT files into FILES_DIR
+ *    (its rootfs: the overlay upperdir), then sync(2);
+ * 2. mallocs MIB MiB and touches every page (distinct, non-zero contents);
+ * 3. loops: touch one page, read CLOCK_MONOTONIC, keep the longest gap between two iterations,
+ *    sleep SLEEP_US (default 1000) microseconds.
+ *
+ * It reports through /maxgap (written as /maxgap.tmp, then renamed: a reader never sees half a
+ * file; no file stays open, so a restore into a fresh rootfs does not need it):
+ *
+ *   gen=G maxgap_us=M iter=I mib=N
+ *
+ * written once the memory is touched (the file appearing means "ready"), on every new maximum,
+ * every 100 ms, and on SIGUSR1, which also starts a new measurement: G goes up, M goes to 0.
+ * Built static (`gcc -static -O2`) so that it runs in the busybox image.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096
+#define REPORT "/maxgap"
+#define REPORT_TMP "/maxgap.tmp"
+
+static volatile sig_atomic_t reset_requested;
+
+static void on_usr1(int sig) {
+  (void)sig;
+  reset_requested = 1;
+}
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void die(const char *what) {
+  perror(what);
+  exit(1);
+}
+
+static void report(unsigned long gen, uint64_t maxgap_ns, uint64_t iter, unsigned long mib) {
+  char buf[128];
+  int n = snprintf(buf, sizeof buf, "gen=%lu maxgap_us=%llu iter=%llu mib=%lu\n", gen,
+                   (unsigned long long)(maxgap_ns / 1000), (unsigned long long)iter, mib);
+  int fd = open(REPORT_TMP, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return; /* a full disk must not kill the workload */
+  ssize_t w = write(fd, buf, (size_t)n);
+  close(fd);
+  if (w == n) rename(REPORT_TMP, REPORT);
+}
+
+static uint64_t xorshift(uint64_t *s) {
+  uint64_t x = *s;
+  x ^= x << 13;
+  x ^= x >> 7;
+  x ^= x << 17;
+  return *s = x;
+}
+
+static void write_files(const char *dir, unsigned long count, unsigned long mib) {
+  const size_t chunk = 1 << 20;
+  uint64_t seed = 0x9e3779b97f4a7c15ull;
+  uint64_t *buf = malloc(chunk);
+  if (!buf) die("malloc");
+  for (size_t i = 0; i < chunk / 8; i++) buf[i] = xorshift(&seed);
+  if (mkdir(dir, 0755) < 0 && errno != EEXIST) die("mkdir");
+  uint64_t total = (uint64_t)mib << 20;
+  uint64_t per_file = total / count;
+  for (unsigned long f = 0; f < count; f++) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/f%05lu", dir, f);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) die("open");
+    uint64_t left = per_file + (f + 1 == count ? total % count : 0);
+    while (left > 0) {
+      size_t n = left < chunk ? (size_t)left : chunk;
+      buf[0] = xorshift(&seed); /* no two chunks alike */
+      ssize_t w = write(fd, buf, n);
+      if (w <= 0) die("write");
+      left -= (uint64_t)w;
+    }
+    close(fd);
+  }
+  free(buf);
+  sync();
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) {
+    fprintf(stderr, "usage: %s MIB [SLEEP_US [FILES_DIR FILES_COUNT FILES_MIB]]\n", argv[0]);
+    return 2;
+  }
+  unsigned long mib = strtoul(argv[1], NULL, 10);
+  unsigned long sleep_us = argc > 2 ? strtoul(argv[2], NULL, 10) : 1000;
+  if (argc > 5) write_files(argv[3], strtoul(argv[4], NULL, 10), strtoul(argv[5], NULL, 10));
+
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_usr1;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(SIGUSR1, &sa, NULL) < 0) die("sigaction");
+
+  size_t pages = mib == 0 ? 1 : (size_t)mib * ((1 << 20) / PAGE);
+  unsigned char *mem = malloc(pages * PAGE);
+  if (!mem) die("malloc");
+  for (size_t p = 0; p < pages; p++) memset(mem + p * PAGE, (int)(p % 255) + 1, PAGE);
+
+  unsigned long gen = 0;
+  uint64_t iter = 0, maxgap = 0;
+  uint64_t prev = now_ns(), last_report = prev;
+  report(gen, maxgap, iter, mib);
+  struct timespec nap = {.tv_sec = (time_t)(sleep_us / 1000000), .tv_nsec = (long)(sleep_us % 1000000) * 1000};
+  for (;;) {
+    mem[(iter % pages) * PAGE + (iter / pages) % PAGE]++;
+    iter++;
+    uint64_t t = now_ns();
+    int changed = 0;
+    if (reset_requested) {
+      reset_requested = 0;
+      gen++;
+      maxgap = 0;
+      changed = 1;
+    } else if (t - prev > maxgap) {
+      maxgap = t - prev;
+      changed = 1;
+    }
+    prev = t;
+    if (changed || t - last_report > 100000000ull) {
+      /* Its cost (tens of µs) counts in the next gap: resetting `prev` after it would hide a
+         freeze that lands inside it. */
+      report(gen, maxgap, iter, mib);
+      last_report = t;
+    }
+    if (sleep_us) nanosleep(&nap, NULL);
+  }
+}
