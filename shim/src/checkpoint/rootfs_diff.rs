@@ -357,6 +357,10 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
             // This entry may replace a directory or add a symlink: check paths afresh.
             checked.0.clear();
         }
+        if checked.0.contains(&rel) {
+            // A directory that earlier entries went through is being replaced.
+            checked.0.clear();
+        }
         let path = safe_parent_cached(rootfs, &rel, &mut checked)?;
         let header = entry.header().clone();
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
@@ -439,7 +443,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
             }
         }
         if kind != EntryType::Directory {
-            finish(&path, &header, kind == EntryType::Symlink)?;
+            finish(&path, &header, kind)?;
             apply_xattrs(&mut entry, &path)?;
         } else {
             apply_xattrs(&mut entry, &path)?;
@@ -447,7 +451,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
         stats.entries += 1;
     }
     for (path, header) in dirs.into_iter().rev() {
-        finish(&path, &header, false)?;
+        finish(&path, &header, EntryType::Directory)?;
     }
     Ok(stats)
 }
@@ -471,14 +475,48 @@ fn apply_xattrs<R: io::Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Resu
 
 /// Owner, then mode, then times: the kernel clears setuid/setgid on chown,
 /// so the mode must come after it (and file capabilities, xattrs, after both).
-fn finish(path: &Path, header: &Header, symlink: bool) -> Result<()> {
-    set_owner(path, header)?;
-    if !symlink {
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .map_err(Error::io(format!("chmod {}", path.display())))?;
+/// Everything but a symlink is changed through a descriptor opened without
+/// following links, so a later entry that turned the path into a symlink can
+/// never make a change land outside the rootfs.
+fn finish(path: &Path, header: &Header, kind: EntryType) -> Result<()> {
+    if kind == EntryType::Symlink {
+        set_owner(path, header)?;
+        return set_times(path, header, true);
     }
-    set_times(path, header, symlink)
+    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if kind == EntryType::Directory {
+        flags |= libc::O_DIRECTORY;
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => Error::InvalidArgument(format!(
+                "checkpoint entry {} was replaced by a later entry",
+                path.display()
+            )),
+            _ => Error::io(format!("open {}", path.display()))(e),
+        })?;
+    let uid = header
+        .uid()
+        .ok()
+        .map(|u| nix::unistd::Uid::from_raw(u as u32));
+    let gid = header
+        .gid()
+        .ok()
+        .map(|g| nix::unistd::Gid::from_raw(g as u32));
+    nix::unistd::fchown(&file, uid, gid)
+        .map_err(Error::nix(format!("chown {}", path.display())))?;
+    let mode = header.mode().unwrap_or(0o644) & 0o7777;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("chmod {}", path.display())))?;
+    if let Ok(mtime) = header.mtime() {
+        let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
+        nix::sys::stat::futimens(&file, &t, &t)
+            .map_err(Error::nix(format!("set times of {}", path.display())))?;
+    }
+    Ok(())
 }
 
 fn set_owner(path: &Path, header: &Header) -> Result<()> {
@@ -703,6 +741,55 @@ mod tests {
         assert_eq!(
             fs::read_to_string(rootfs.join("etc/link")).unwrap(),
             "inside"
+        );
+    }
+
+    #[test]
+    fn a_directory_turned_symlink_does_not_carry_its_mode_outside() {
+        let (top, rootfs, canary) = sandbox();
+        let host_dir = top.path().join("hostdir");
+        fs::create_dir(&host_dir).unwrap();
+        fs::set_permissions(&host_dir, fs::Permissions::from_mode(0o700)).unwrap();
+        let target = host_dir.display().to_string();
+        let ckpt = checkpoint_with(
+            |b| {
+                let mut h = Header::new_gnu();
+                h.set_path("d").unwrap();
+                h.set_entry_type(EntryType::Directory);
+                h.set_mode(0o6777);
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, io::empty()).unwrap();
+                raw_entry(b, "d", EntryType::Symlink, Some(&target), b"");
+            },
+            &[],
+        );
+        let err = apply(ckpt.path(), &rootfs).unwrap_err();
+        assert_eq!(
+            err.code(),
+            containerd_shim_protos::ttrpc::Code::INVALID_ARGUMENT,
+            "{err}"
+        );
+        assert_eq!(fs::metadata(&host_dir).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(fs::read_to_string(&canary).unwrap(), "untouched");
+    }
+
+    #[test]
+    fn replacing_a_parent_directory_with_a_file_is_invalid() {
+        let (_top, rootfs, _) = sandbox();
+        let ckpt = checkpoint_with(
+            |b| {
+                raw_entry(b, "esc/a", EntryType::Regular, None, b"a");
+                raw_entry(b, "esc", EntryType::Regular, None, b"file");
+                raw_entry(b, "esc/b", EntryType::Regular, None, b"b");
+            },
+            &[],
+        );
+        let err = apply(ckpt.path(), &rootfs).unwrap_err();
+        assert_eq!(
+            err.code(),
+            containerd_shim_protos::ttrpc::Code::INVALID_ARGUMENT,
+            "{err}"
         );
     }
 
