@@ -174,6 +174,9 @@ impl Containerd {
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
+            // containerd unpacks checkpoints for restores under XDG_RUNTIME_DIR (else /tmp)
+            // and does not always remove them: keep them in the test's own dir.
+            .env("XDG_RUNTIME_DIR", cd.dir())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

@@ -39,6 +39,7 @@
 mod api;
 pub mod checkpoint;
 mod containerd;
+pub mod faults;
 pub mod host;
 pub mod poll;
 mod process;

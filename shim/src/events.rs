@@ -1,11 +1,27 @@
-//! Publishing task events to containerd, in the order they happen.
+//! Publishing task events to containerd, in the order they happen, across
+//! containerd restarts.
 
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use containerd_shim::{event::Event, publisher::RemotePublisher};
-use containerd_shim_protos::{protobuf::MessageDyn, ttrpc::context::Context};
+use containerd_shim::{
+    event::Event,
+    util::{connect, convert_to_any, timestamp},
+};
+use containerd_shim_protos::{
+    protobuf::MessageDyn,
+    shim::{event::Envelope, events::ForwardRequest},
+    shim_async::{Client, EventsClient},
+    ttrpc::context,
+};
 use log::{debug, warn};
 use tokio::sync::mpsc;
+
+/// How long one event may wait for containerd to come back before it is dropped.
+const PATIENCE: Duration = Duration::from_secs(60);
+/// The longest pause between two attempts to reach containerd.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// One forward call may take this long before the connection counts as dead.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Events go through one queue so that they reach containerd in the order
 /// they were published, whatever the caller's task.
@@ -15,42 +31,122 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(remote: RemotePublisher, namespace: String) -> Self {
-        let remote = Arc::new(remote);
-        Self::with_sink(move |topic, event| {
-            let remote = remote.clone();
-            let namespace = namespace.clone();
-            async move {
-                if let Err(e) = remote
-                    .publish(Context::default(), &topic, &namespace, event)
-                    .await
-                {
-                    warn!("publish {topic}: {e}");
-                }
-            }
-        })
-    }
-
-    /// A publisher that hands each event to `sink`, one at a time.
-    pub fn with_sink<F, Fut>(sink: F) -> Self
-    where
-        F: Fn(String, Box<dyn MessageDyn>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
+    /// Forwards events to containerd's ttrpc `address`, reconnecting whenever
+    /// a forward fails (containerd restarted): a failed event is retried, in
+    /// order, rather than dropped.
+    pub fn new(address: String, namespace: String) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
         tokio::spawn(async move {
+            let mut client: Option<EventsClient> = None;
             while let Some((topic, event)) = rx.recv().await {
-                sink(topic, event).await;
+                let request = match envelope(&topic, &namespace, event) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        warn!("encode event {topic}: {e}");
+                        continue;
+                    }
+                };
+                forward(&address, &mut client, &topic, &request).await;
             }
         });
         Self { tx }
     }
 
-    pub fn publish<E: Event + MessageDyn + 'static>(&self, event: E) {
+    /// A publisher that hands each event to `sink`, one at a time (tests).
+    #[cfg(test)]
+    pub fn with_sink<F>(sink: F) -> Self
+    where
+        F: Fn(String, Box<dyn MessageDyn>) + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(String, Box<dyn MessageDyn>)>();
+        tokio::spawn(async move {
+            while let Some((topic, event)) = rx.recv().await {
+                sink(topic, event);
+            }
+        });
+        Self { tx }
+    }
+
+    pub fn publish<E: Event + 'static>(&self, event: E) {
         let topic = event.topic();
         debug!("event {topic}");
         if self.tx.send((topic.clone(), Box::new(event))).is_err() {
             warn!("event queue closed, dropped {topic}");
         }
+    }
+}
+
+fn envelope(
+    topic: &str,
+    namespace: &str,
+    event: Box<dyn MessageDyn>,
+) -> containerd_shim::Result<ForwardRequest> {
+    let mut envelope = Envelope::new();
+    envelope.set_topic(topic.to_string());
+    envelope.set_namespace(namespace.to_string());
+    envelope.set_timestamp(timestamp()?);
+    envelope.set_event(convert_to_any(event)?);
+    let mut request = ForwardRequest::new();
+    request.set_envelope(envelope);
+    Ok(request)
+}
+
+async fn forward(
+    address: &str,
+    client: &mut Option<EventsClient>,
+    topic: &str,
+    request: &ForwardRequest,
+) {
+    let give_up = Instant::now() + PATIENCE;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if client.is_none() {
+            *client = reconnect(address).await;
+        }
+        if let Some(c) = client.as_ref() {
+            let ctx = context::with_timeout(FORWARD_TIMEOUT.as_nanos() as i64);
+            match c.forward(ctx, request).await {
+                Ok(_) => return,
+                Err(e) => {
+                    debug!("forward {topic}: {e}; reconnecting");
+                    *client = None;
+                }
+            }
+        }
+        if Instant::now() >= give_up {
+            warn!("containerd unreachable at {address} for {PATIENCE:?}: dropped event {topic}");
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn reconnect(address: &str) -> Option<EventsClient> {
+    let addr = address.to_string();
+    let fd = tokio::task::spawn_blocking(move || connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    // SAFETY: `fd` is a connected unix socket we own; the client takes it over.
+    let client = unsafe { Client::from_raw_unix_socket_fd(fd) };
+    Some(EventsClient::new(client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_shim_protos::events::task::{TaskExit, TaskStart};
+
+    #[tokio::test]
+    async fn events_keep_their_order() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let p = Publisher::with_sink(move |topic, _| {
+            let _ = tx.send(topic);
+        });
+        p.publish(TaskStart::default());
+        p.publish(TaskExit::default());
+        assert_eq!(rx.recv().await.unwrap(), "/tasks/start");
+        assert_eq!(rx.recv().await.unwrap(), "/tasks/exit");
     }
 }

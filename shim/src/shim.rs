@@ -80,6 +80,7 @@ impl Shim for CustomShim {
             bundle.join("log.json"),
             reaper,
         );
+        release_from_checkpoint(&options.runc_root(&self.namespace), &self.id);
         if let Err(e) = runc.delete(&self.id, true).await {
             warn!("runc delete {}: {e}", self.id);
         }
@@ -105,10 +106,54 @@ impl Shim for CustomShim {
         }
         let shared = Shared {
             namespace: self.namespace.clone(),
-            publisher: Publisher::new(publisher, self.namespace.clone()),
+            // Our own forwarder (ordered, reconnecting); the crate's connection is let go.
+            publisher: Publisher::new(publisher.address.clone(), self.namespace.clone()),
             reaper,
         };
         Service::new(shared, self.exit.clone())
+    }
+}
+
+/// A shim killed in the middle of a checkpoint leaves the container frozen and
+/// perhaps still seized by a CRIU: kill the tracers of its tasks and thaw it,
+/// so that `runc delete --force` can finish it off.
+fn release_from_checkpoint(runc_root: &Path, id: &str) {
+    let Ok(bytes) = std::fs::read(runc_root.join(id).join("state.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return;
+    };
+    let paths = &state["cgroup_paths"];
+    let freezer = if let Some(p) = paths["freezer"].as_str() {
+        crate::cgroup::Freezer::V1(p.into())
+    } else if let Some(p) = paths[""].as_str() {
+        crate::cgroup::Freezer::V2(p.into())
+    } else {
+        return;
+    };
+    let procs: Vec<i32> = std::fs::read_to_string(freezer.path().join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    for pid in &procs {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let tracer = status
+            .lines()
+            .find_map(|l| l.strip_prefix("TracerPid:"))
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .unwrap_or(0);
+        if tracer > 0 && !procs.contains(&tracer) {
+            warn!("delete {id}: killing tracer {tracer} of pid {pid} (an interrupted checkpoint)");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(tracer),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    if let Err(e) = freezer.thaw() {
+        warn!("delete {id}: thaw {}: {e}", freezer.path().display());
     }
 }
 

@@ -323,7 +323,7 @@ pub struct RestoreSource {
 }
 
 impl RestoreSource {
-    /// Keeps the images (containerd removes its copy when Create returns)
+    /// Keeps the images in the bundle (they must outlive Create until Start)
     /// and applies the rootfs diff: files first, memory at Start.
     pub fn prepare(checkpoint: &Path, parent: Option<PathBuf>, c: &Container) -> Result<Self> {
         let image = c.bundle.join("checkpoint");
@@ -331,6 +331,17 @@ impl RestoreSource {
             fs::remove_dir_all(&image).map_err(Error::io("clear old checkpoint copy"))?;
         }
         copy_images(checkpoint, &image)?;
+        // containerd 2.x unpacks the checkpoint blob into a `ctrd-checkpoint*` temp
+        // dir and never removes it; with the images ours now, it is not needed.
+        if checkpoint
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ctrd-checkpoint"))
+        {
+            if let Err(e) = fs::remove_dir_all(checkpoint) {
+                warn!("remove {}: {e}", checkpoint.display());
+            }
+        }
         // runc restore takes no parent path: CRIU follows a `parent` link among the images.
         if let Some(parent) = &parent {
             let kept = c.bundle.join("checkpoint-parent");

@@ -270,6 +270,18 @@ impl Runc {
                     .stderr(Stdio::piped());
             }
         }
+        // runc (and the CRIU it runs) must not outlive a killed shim: a checkpoint
+        // left running would go on dumping a container containerd is deleting.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         debug!("runc {}", args.join(" "));
         let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         let started = Instant::now();
