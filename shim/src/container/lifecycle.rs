@@ -250,7 +250,21 @@ impl Container {
             &[Status::Created, Status::Running, Status::Paused],
             "list pids of",
         )?;
-        self.runc.ps(&self.id).await
+        // An exec being started shows up in runc's list before its pid is known
+        // here: let such starts finish, and hold the others back while runc
+        // lists, so that every pid it lists gets its exec id.
+        let starting: Vec<_> = super::lock(&self.execs)
+            .values()
+            .filter(|p| p.status() == Status::Created)
+            .cloned()
+            .collect();
+        let mut held = Vec::with_capacity(starting.len());
+        for p in &starting {
+            held.push(p.start_gate.lock().await);
+        }
+        let pids = self.runc.ps(&self.id).await;
+        drop(held);
+        pids
     }
 
     pub fn stats(&self) -> Result<Any> {
