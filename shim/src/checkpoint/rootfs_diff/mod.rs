@@ -1,0 +1,69 @@
+//! The container's file changes: captured from the overlay upperdir as
+//! `rootfs-diff.tar` + `deleted.files` (the names Podman and CRI-O use), and
+//! applied to a fresh rootfs without ever writing outside it.
+
+mod apply;
+mod capture;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+pub use apply::apply;
+pub use capture::capture;
+
+/// What a capture wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiffStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub deleted: u64,
+}
+
+/// The upperdir and lowerdirs of the overlay mounted at `rootfs`.
+pub struct Overlay {
+    pub upper: PathBuf,
+    pub lowers: Vec<PathBuf>,
+}
+
+/// Reads the overlay options of the mount at `rootfs` from mountinfo.
+pub fn overlay_of(rootfs: &Path) -> Result<Overlay> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read mountinfo"))?;
+    let target = rootfs.to_string_lossy();
+    // The last mount on the path is the one in effect.
+    let line = mountinfo
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(4) == Some(&*target))
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!("rootfs {target} is not a mount point"))
+        })?;
+    let (_, post) = line
+        .split_once(" - ")
+        .ok_or_else(|| Error::Internal(format!("bad mountinfo line: {line}")))?;
+    let mut post = post.split_whitespace();
+    let fstype = post.next().unwrap_or_default();
+    let super_opts = post.nth(1).unwrap_or_default();
+    if fstype != "overlay" {
+        return Err(Error::FailedPrecondition(format!(
+            "rootfs {target} is {fstype}, not overlay: its changes cannot be captured"
+        )));
+    }
+    let mut upper = None;
+    let mut lowers = Vec::new();
+    for opt in super_opts.split(',') {
+        if let Some(u) = opt.strip_prefix("upperdir=") {
+            upper = Some(PathBuf::from(u));
+        } else if let Some(l) = opt.strip_prefix("lowerdir=") {
+            lowers.extend(l.split(':').map(PathBuf::from));
+        }
+    }
+    let upper = upper.ok_or_else(|| {
+        Error::FailedPrecondition(format!("rootfs {target} is a read-only overlay"))
+    })?;
+    Ok(Overlay { upper, lowers })
+}
