@@ -265,8 +265,9 @@ impl Service {
         Ok(())
     }
 
-    fn do_shutdown(&self) {
-        if !self.containers().is_empty() {
+    fn do_shutdown(&self, now: bool) {
+        // `now` is containerd giving up on this shim: exit whatever it still holds.
+        if !now && !self.containers().is_empty() {
             debug!("shutdown ignored: containers remain");
             return;
         }
@@ -478,9 +479,9 @@ impl Task for Service {
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ShutdownRequest,
+        req: api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
-        self.do_shutdown();
+        self.do_shutdown(req.now);
         Ok(Empty::new())
     }
 }
