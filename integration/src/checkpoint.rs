@@ -17,134 +17,35 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use containerd_client::services::v1::containers_client::ContainersClient;
-use containerd_client::services::v1::leases_client::LeasesClient;
-use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
-use containerd_client::services::v1::snapshots::{
-    MountsRequest, PrepareSnapshotRequest, StatSnapshotRequest,
-};
-use containerd_client::services::v1::tasks_client::TasksClient;
-use containerd_client::services::v1::{
-    container::Runtime as ContainerRuntime, CheckpointTaskRequest, Container,
-    CreateContainerRequest, CreateRequest as CreateLeaseRequest, CreateTaskRequest,
-    GetContainerRequest, StartRequest,
-};
-use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::Request;
+use containerd_client::services::v1::CreateTaskRequest;
 use containerd_client::types::Descriptor;
-use prost::Message;
-use prost_types::Any;
 
+use crate::grpc::Client;
+pub use crate::grpc::{
+    CheckpointOptions, CHECKPOINT_OPTIONS_TYPE_URL, CRIU_CHECKPOINT_MEDIA_TYPE, DELETED_FILES,
+    ROOTFS_DIFF, SHIM_METADATA,
+};
 use crate::process::run_with_timeout;
 use crate::{show, Containerd, Runtime};
 
-/// Media type of the blob containerd makes of a checkpoint directory.
-pub const CRIU_CHECKPOINT_MEDIA_TYPE: &str =
-    "application/vnd.containerd.container.criu.checkpoint.criu.tar";
-/// Type URL under which containerd and both shims know the runc checkpoint options.
-pub const CHECKPOINT_OPTIONS_TYPE_URL: &str = "containerd.runc.v1.CheckpointOptions";
 /// The container annotation that turns the custom shim's freeze off (test only).
 pub const NO_FREEZE_ANNOTATION: &str = "dev.custom-shim.test/no-freeze";
-/// Files the custom shim adds to a checkpoint directory.
-pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
-pub const DELETED_FILES: &str = "deleted.files";
-pub const SHIM_METADATA: &str = "custom-shim-checkpoint.json";
 
-/// `containerd.runc.v1.CheckpointOptions` (api/types/runc/options/oci.proto), which
-/// containerd-client does not generate.
-#[derive(Clone, PartialEq, Message)]
-pub struct CheckpointOptions {
-    #[prost(bool, tag = "1")]
-    pub exit: bool,
-    #[prost(bool, tag = "2")]
-    pub open_tcp: bool,
-    #[prost(bool, tag = "3")]
-    pub external_unix_sockets: bool,
-    #[prost(bool, tag = "4")]
-    pub terminal: bool,
-    #[prost(bool, tag = "5")]
-    pub file_locks: bool,
-    #[prost(string, repeated, tag = "6")]
-    pub empty_namespaces: Vec<String>,
-    #[prost(string, tag = "7")]
-    pub cgroups_mode: String,
-    #[prost(string, tag = "8")]
-    pub image_path: String,
-    #[prost(string, tag = "9")]
-    pub work_path: String,
-}
-
-impl CheckpointOptions {
-    pub fn to_any(&self) -> Any {
-        Any {
-            type_url: CHECKPOINT_OPTIONS_TYPE_URL.to_string(),
-            value: self.encode_to_vec(),
-        }
-    }
-}
-
-/// A connection to one containerd, in its namespace, optionally under a lease.
+/// A connection to one containerd, in its namespace, optionally under a lease: the shared
+/// [`Client`] (lease, Containers.Get, blob paths, ...) plus the checkpoint/restore calls, errors
+/// as text.
 pub struct Api {
-    rt: tokio::runtime::Runtime,
-    channel: Channel,
-    namespace: String,
-    lease: Option<String>,
-    root: PathBuf,
+    client: Client,
 }
+
+crate::deref_to_grpc_client!(Api);
 
 impl Api {
     /// Connects to `cd`'s gRPC socket.
     pub fn connect(cd: &Containerd) -> Api {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
-        let address = cd.address().to_path_buf();
-        let channel = rt
-            .block_on(containerd_client::connect(&address))
-            .unwrap_or_else(|e| panic!("connect {}: {e}", address.display()));
         Api {
-            rt,
-            channel,
-            namespace: cd.namespace().to_string(),
-            lease: None,
-            root: cd.root_dir().to_path_buf(),
+            client: Client::connect_to(cd),
         }
-    }
-
-    fn request<T>(&self, msg: T) -> Request<T> {
-        let mut req = Request::new(msg);
-        let md = req.metadata_mut();
-        md.insert(
-            "containerd-namespace",
-            self.namespace.parse().expect("namespace as metadata"),
-        );
-        if let Some(lease) = &self.lease {
-            md.insert(
-                "containerd-lease",
-                lease.parse().expect("lease as metadata"),
-            );
-        }
-        req
-    }
-
-    /// Leases.Create, then carries the lease on every later request (content and snapshots
-    /// made under it survive containerd's garbage collection). Returns the lease id.
-    pub fn use_new_lease(&mut self, id: &str) -> String {
-        let req = self.request(CreateLeaseRequest {
-            id: id.to_string(),
-            labels: HashMap::new(),
-        });
-        let mut client = LeasesClient::new(self.channel.clone());
-        let lease = self
-            .rt
-            .block_on(client.create(req))
-            .unwrap_or_else(|s| panic!("Leases.Create({id}): {s}"))
-            .into_inner()
-            .lease
-            .expect("lease in Leases.Create response");
-        self.lease = Some(lease.id.clone());
-        lease.id
     }
 
     /// Tasks.Checkpoint of container `id`, nothing else around it (no pause). `opts` None sends
@@ -155,15 +56,7 @@ impl Api {
         id: &str,
         opts: Option<&CheckpointOptions>,
     ) -> Result<Vec<Descriptor>, String> {
-        let req = self.request(CheckpointTaskRequest {
-            container_id: id.to_string(),
-            parent_checkpoint: String::new(),
-            options: opts.map(CheckpointOptions::to_any),
-        });
-        let mut client = TasksClient::new(self.channel.clone());
-        self.rt
-            .block_on(client.checkpoint(req))
-            .map(|r| r.into_inner().descriptors)
+        self.checkpoint_task(id, opts.map(CheckpointOptions::to_any))
             .map_err(|s| format!("Tasks.Checkpoint({id}): {} ({:?})", s.message(), s.code()))
     }
 
@@ -177,18 +70,6 @@ impl Api {
             .unwrap_or_else(|| panic!("no {CRIU_CHECKPOINT_MEDIA_TYPE} descriptor in {descs:?}"))
     }
 
-    /// Containers.Get.
-    pub fn container(&self, id: &str) -> Container {
-        let req = self.request(GetContainerRequest { id: id.to_string() });
-        let mut client = ContainersClient::new(self.channel.clone());
-        self.rt
-            .block_on(client.get(req))
-            .unwrap_or_else(|s| panic!("Containers.Get({id}): {s}"))
-            .into_inner()
-            .container
-            .expect("container in Containers.Get response")
-    }
-
     /// Creates container `new_id` like `template` (same image, same spec but its own cgroup,
     /// `annotations` added) on runtime `rt`, with a FRESH snapshot of the image (the parent of
     /// the template's snapshot), as containerd's `client.Restore` does.
@@ -199,65 +80,8 @@ impl Api {
         rt: Runtime,
         annotations: &[(&str, &str)],
     ) {
-        let t = self.container(template);
-        let mut snaps = SnapshotsClient::new(self.channel.clone());
-        let info = self
-            .rt
-            .block_on(snaps.stat(self.request(StatSnapshotRequest {
-                snapshotter: t.snapshotter.clone(),
-                key: t.snapshot_key.clone(),
-            })))
-            .unwrap_or_else(|s| panic!("Snapshots.Stat({}): {s}", t.snapshot_key))
-            .into_inner()
-            .info
-            .expect("info in Snapshots.Stat response");
-        assert!(
-            !info.parent.is_empty(),
-            "snapshot {} of {template} has no parent",
-            t.snapshot_key
-        );
-        self.rt
-            .block_on(snaps.prepare(self.request(PrepareSnapshotRequest {
-                snapshotter: t.snapshotter.clone(),
-                key: new_id.to_string(),
-                parent: info.parent.clone(),
-                labels: HashMap::new(),
-            })))
-            .unwrap_or_else(|s| panic!("Snapshots.Prepare({new_id}): {s}"));
-
-        let spec_any = t.spec.clone().expect("template has a spec");
-        let mut spec: serde_json::Value =
-            serde_json::from_slice(&spec_any.value).expect("spec is JSON");
-        spec["linux"]["cgroupsPath"] =
-            serde_json::Value::String(format!("/{}/{new_id}", self.namespace));
-        for (k, v) in annotations {
-            if !spec["annotations"].is_object() {
-                spec["annotations"] = serde_json::json!({});
-            }
-            spec["annotations"][*k] = serde_json::Value::String(v.to_string());
-        }
-        let runtime_options = t.runtime.as_ref().and_then(|r| r.options.clone());
-        let container = Container {
-            id: new_id.to_string(),
-            image: t.image.clone(),
-            runtime: Some(ContainerRuntime {
-                name: rt.name().to_string(),
-                options: runtime_options,
-            }),
-            spec: Some(Any {
-                type_url: spec_any.type_url.clone(),
-                value: serde_json::to_vec(&spec).expect("encode spec"),
-            }),
-            snapshotter: t.snapshotter.clone(),
-            snapshot_key: new_id.to_string(),
-            ..Default::default()
-        };
-        let mut client = ContainersClient::new(self.channel.clone());
-        self.rt
-            .block_on(client.create(self.request(CreateContainerRequest {
-                container: Some(container),
-            })))
-            .unwrap_or_else(|s| panic!("Containers.Create({new_id}): {s}"));
+        self.try_clone_container(template, new_id, Some(rt.name()), annotations)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Tasks.Create for container `id` (rootfs from its snapshot, no IO) with `checkpoint` as
@@ -279,36 +103,18 @@ impl Api {
         stdout: &str,
         stderr: &str,
     ) -> Result<u32, String> {
-        let c = self.container(id);
-        let mut snaps = SnapshotsClient::new(self.channel.clone());
-        let mounts = self
-            .rt
-            .block_on(snaps.mounts(self.request(MountsRequest {
-                snapshotter: c.snapshotter.clone(),
-                key: c.snapshot_key.clone(),
-            })))
-            .map_err(|s| format!("Snapshots.Mounts({}): {s}", c.snapshot_key))?
-            .into_inner()
-            .mounts;
-        let mut tasks = TasksClient::new(self.channel.clone());
-        self.rt
-            .block_on(tasks.create(self.request(CreateTaskRequest {
-                container_id: id.to_string(),
-                rootfs: mounts,
-                checkpoint: Some(checkpoint.clone()),
-                stdout: stdout.to_string(),
-                stderr: stderr.to_string(),
-                ..Default::default()
-            })))
-            .map_err(|s| format!("Tasks.Create({id}) from a checkpoint: {}", s.message()))?;
-        let started = self
-            .rt
-            .block_on(tasks.start(self.request(StartRequest {
-                container_id: id.to_string(),
-                exec_id: String::new(),
-            })))
-            .map_err(|s| format!("Tasks.Start({id}) (restore): {}", s.message()))?;
-        Ok(started.into_inner().pid)
+        let mounts = self.rootfs_mounts_of(&self.container(id))?;
+        self.create_task_with(CreateTaskRequest {
+            container_id: id.to_string(),
+            rootfs: mounts,
+            checkpoint: Some(checkpoint.clone()),
+            stdout: stdout.to_string(),
+            stderr: stderr.to_string(),
+            ..Default::default()
+        })
+        .map_err(|s| format!("Tasks.Create({id}) from a checkpoint: {}", s.message()))?;
+        self.start_process(id, "")
+            .map_err(|s| format!("Tasks.Start({id}) (restore): {}", s.message()))
     }
 
     /// [`Self::create_container_like`] + [`Self::create_task_from_checkpoint`].
@@ -321,17 +127,6 @@ impl Api {
     ) -> Result<u32, String> {
         self.create_container_like(template, new_id, rt, &[]);
         self.create_task_from_checkpoint(new_id, checkpoint)
-    }
-
-    /// Where containerd keeps the blob of `desc` (content store under the daemon's root).
-    pub fn blob_path(&self, desc: &Descriptor) -> PathBuf {
-        let hex = desc
-            .digest
-            .strip_prefix("sha256:")
-            .unwrap_or_else(|| panic!("unexpected digest {}", desc.digest));
-        self.root
-            .join("io.containerd.content.v1.content/blobs/sha256")
-            .join(hex)
     }
 }
 

@@ -559,7 +559,7 @@ impl Containerd {
     /// Tasks.Update through the gRPC API (ctr 2.1 has no `task update`); `resources` is an OCI
     /// `LinuxResources` JSON object, e.g. `{"memory": {"limit": 67108864}}`.
     pub fn update_task(&self, id: &str, resources: &serde_json::Value) -> Result<(), String> {
-        crate::api::update_task(&self.address, &self.namespace, id, resources)
+        crate::grpc::update_task(&self.address, &self.namespace, id, resources)
     }
 
     /// `ctr containers ls -q`.

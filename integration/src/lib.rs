@@ -36,10 +36,10 @@
 //! - ctr's default IO fifos live in /run/containerd/fifo and leak when ctr is killed: the helpers
 //!   pass `--fifo-dir` inside the temp dir.
 
-mod api;
 pub mod checkpoint;
 mod containerd;
 pub mod faults;
+pub mod grpc;
 pub mod host;
 pub mod poll;
 mod process;
