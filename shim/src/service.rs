@@ -476,11 +476,7 @@ impl Task for Service {
         })
     }
 
-    async fn shutdown(
-        &self,
-        _ctx: &TtrpcContext,
-        req: api::ShutdownRequest,
-    ) -> TtrpcResult<Empty> {
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<Empty> {
         self.do_shutdown(req.now);
         Ok(Empty::new())
     }
