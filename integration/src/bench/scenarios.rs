@@ -756,6 +756,14 @@ impl<'a> Bench<'a> {
                 true,
             );
             r.declare(
+                &format!("diff_apply_shim_{count}"),
+                g,
+                "Rootfs diff throughput (GB/s)",
+                &format!("{what}: apply (bytes / the shim's own apply time)"),
+                "GB/s",
+                true,
+            );
+            r.declare(
                 &format!("diff_rpc_{count}"),
                 g,
                 "Rootfs diff checkpoint (ms)",
@@ -805,7 +813,7 @@ impl<'a> Bench<'a> {
                     let result = self.diff_round(rt, &id, pid, &new, count);
                     self.remove(&[new, id])?;
                     self.api.drop_lease()?;
-                    let (rpc, stall, size, create, meta, back) = result?;
+                    let (rpc, stall, size, create, meta, back, apply_ms) = result?;
                     self.files_back[rt as usize] = Some(back);
                     self.res.add(&format!("diff_rpc_{count}"), rt, rpc);
                     self.res.add(&format!("diff_stall_{count}"), rt, stall);
@@ -824,6 +832,13 @@ impl<'a> Bench<'a> {
                             rt,
                             bytes / (create / 1000.0) / 1e9,
                         );
+                        if let Some(apply_ms) = apply_ms {
+                            self.res.add(
+                                &format!("diff_apply_shim_{count}"),
+                                rt,
+                                bytes / (apply_ms / 1000.0) / 1e9,
+                            );
+                        }
                     }
                 }
             }
@@ -850,7 +865,18 @@ impl<'a> Bench<'a> {
         pid: u32,
         new: &str,
         count: u64,
-    ) -> Result<(f64, f64, f64, f64, Option<serde_json::Value>, bool), String> {
+    ) -> Result<
+        (
+            f64,
+            f64,
+            f64,
+            f64,
+            Option<serde_json::Value>,
+            bool,
+            Option<f64>,
+        ),
+        String,
+    > {
         let gen = self.arm_stall(pid)?;
         let (desc, rpc) = self.api.checkpoint(id, false)?;
         let stall = self.read_stall(pid, gen)?;
@@ -871,7 +897,27 @@ impl<'a> Bench<'a> {
         let (create, _, new_pid) = self.restore_as(id, new, &desc)?;
         let last = format!("/proc/{new_pid}/root/data/f{:05}", count - 1);
         let back = std::path::Path::new(&last).is_file();
-        Ok((ms(rpc), stall, desc.size as f64, create, meta, back))
+        // The shim's own apply time, without containerd unpacking the blob first.
+        let record = self
+            .cd
+            .state_dir()
+            .join("io.containerd.runtime.v2.task")
+            .join(self.cd.namespace())
+            .join(new)
+            .join("custom-shim-restore.json");
+        let apply_ms = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["apply_ms"].as_f64());
+        Ok((
+            ms(rpc),
+            stall,
+            desc.size as f64,
+            create,
+            meta,
+            back,
+            apply_ms,
+        ))
     }
 
     // ---- targets and the phase table ------------------------------------------------------------
@@ -960,7 +1006,11 @@ impl<'a> Bench<'a> {
             }
         }
         for count in &self.cfg.diff_files {
-            for (kind, key) in [("capture", "diff_capture"), ("apply", "diff_apply")] {
+            for (kind, key) in [
+                ("capture", "diff_capture"),
+                ("apply, shim's own time", "diff_apply_shim"),
+                ("apply, whole Tasks.Create", "diff_apply"),
+            ] {
                 if let Some(c) = r.median(&format!("{key}_{count}"), cu) {
                     t.push(Target {
                         what: format!(

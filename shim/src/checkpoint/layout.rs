@@ -9,3 +9,5 @@ pub const METADATA: &str = "custom-shim-checkpoint.json";
 /// CRIU's logs, written by runc into the work directory.
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
+/// Written in the bundle at a restore: how long applying the rootfs diff took, and its size.
+pub const RESTORE_RECORD: &str = "custom-shim-restore.json";

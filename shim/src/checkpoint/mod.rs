@@ -22,7 +22,7 @@ use crate::{
     options::CheckpointOptions,
     runtime::runc::CheckpointOpts,
 };
-use layout::{DUMP_LOG, METADATA, RESTORE_LOG};
+use layout::{DUMP_LOG, METADATA, RESTORE_LOG, RESTORE_RECORD};
 
 /// A container annotation that switches the shim's freeze off, for the test
 /// that shows what the bracket prevents. Never set it in production.
@@ -354,13 +354,19 @@ impl RestoreSource {
         }
         let t = Instant::now();
         let stats = rootfs_diff::apply(&image, &c.rootfs)?;
+        let apply_ms = ms(t.elapsed());
+        let record = serde_json::json!({
+            "apply_ms": apply_ms,
+            "rootfs_diff_bytes": stats.bytes,
+            "rootfs_diff_entries": stats.entries,
+            "deleted_files": stats.deleted,
+        });
+        if let Err(e) = fs::write(c.bundle.join(RESTORE_RECORD), record.to_string()) {
+            warn!("container {}: write {RESTORE_RECORD}: {e}", c.id);
+        }
         info!(
             "container {}: rootfs diff applied in {:.1} ms ({} entries, {} bytes, {} deleted)",
-            c.id,
-            ms(t.elapsed()),
-            stats.entries,
-            stats.bytes,
-            stats.deleted
+            c.id, apply_ms, stats.entries, stats.bytes, stats.deleted
         );
         let work = if c.options.criu_work_path.is_empty() {
             c.bundle.join("criu-restore")
