@@ -124,9 +124,15 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(stats),
         Err(e) => return Err(Error::io(format!("open {}", tar_path.display()))(e)),
     };
+    // File data is copied in the kernel straight from the archive (see
+    // `copy_data`): a second handle for that, and a seeking iterator that
+    // skips over the data instead of reading it.
+    let data = file
+        .try_clone()
+        .map_err(Error::io(format!("open {}", tar_path.display())))?;
     let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
     let entries = archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
     let mut dirs = Vec::new();
     let mut checked = Checked::default();
@@ -174,8 +180,16 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                     .mode(0o600)
                     .open(&path)
                     .map_err(Error::io(format!("create {}", path.display())))?;
-                stats.bytes += io::copy(&mut entry, &mut f)
-                    .map_err(Error::io(format!("write {}", path.display())))?;
+                let (offset, len) = (entry.raw_file_position(), entry.size());
+                copy_data(&data, offset, &mut f, len)
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
+                            "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
+                            rel.display()
+                        )),
+                        _ => Error::io(format!("write {}", path.display()))(e),
+                    })?;
+                stats.bytes += len;
             }
             EntryType::Symlink => {
                 let target = entry
@@ -241,6 +255,60 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
         finish(&path, &header, EntryType::Directory)?;
     }
     Ok(stats)
+}
+
+/// Copies `len` bytes at `offset` of the archive into `out`: with
+/// copy_file_range, so that the data never passes through user space, or
+/// with a large buffer where the file systems cannot do that.
+fn copy_data(archive: &File, offset: u64, out: &mut File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut off = offset as libc::loff_t;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open; `off` is a valid loff_t we own.
+        let n = unsafe {
+            libc::copy_file_range(
+                archive.as_raw_fd(),
+                &mut off,
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                    copy_buffered(archive, off as u64, out, left)
+                }
+                _ => Err(e),
+            };
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn copy_buffered(archive: &File, mut offset: u64, out: &mut File, mut left: u64) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = archive.read_at(&mut buf[..want], offset)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        out.write_all(&buf[..n])?;
+        offset += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 fn apply_xattrs<R: io::Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<()> {
