@@ -460,10 +460,10 @@ both_runtimes!(shim_killed_while_criu_dumps, |rt, cd| {
         cd,
         rt,
         "dumpvictim",
-        |state, shim| {
-            (rt == Runtime::RuncV2 || state == Some("FROZEN"))
-                && !descendants_with_cmdline(shim, "criu: dump").is_empty()
-        },
+        // Any moment CRIU runs: CRIU itself thaws the cgroup once it has seized the tasks, so
+        // "FROZEN and dumping" is a window too short to catch reliably under load; the frozen
+        // case has its own test (shim_killed_while_frozen_for_checkpoint).
+        |_state, shim| !descendants_with_cmdline(shim, "criu: dump").is_empty(),
         false,
         "while CRIU dumps",
     );
