@@ -36,7 +36,7 @@ demo: deps install ## the main job: install, build, register, run a container, c
 unit: ## unit tests of the shim
 	$(CARGO) test -p $(SHIM) -p shim-protos
 
-integration: build image ## integration tests: private containerd + runc + CRIU, every scenario on io.containerd.runc.v2 and io.containerd.custom.v2
+integration: build image ## integration tests: private containerd + runc + CRIU; scenarios run on io.containerd.runc.v2 and io.containerd.custom.v2 alike (checkpoint consistency, hostile input and load on ours)
 	SHIMTEST_IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) $(CARGO) test -p integration --no-fail-fast -- --test-threads=2
 
 test: unit integration ## all tests (needs root and `make deps`)
