@@ -163,7 +163,7 @@ impl Container {
         if let Err(e) = self.runc.checkpoint(&self.id, &criu).await {
             // The guard thaws on drop: running stays running, paused stays paused.
             drop(guard);
-            return Err(self.criu_error("dump", e, work, DUMP_LOG));
+            return Err(criu_failure("dump", e, work, DUMP_LOG, &self.bundle));
         }
         phases.dump_ms = ms(t.elapsed());
 
@@ -227,24 +227,31 @@ impl Container {
         };
         spec["annotations"][NO_FREEZE_ANNOTATION].as_str() == Some("true")
     }
+}
 
-    /// CRIU's error, with its first meaningful log line and a kept copy of the log.
-    fn criu_error(&self, action: &'static str, e: Error, work: &Path, log_name: &str) -> Error {
-        let log = work.join(log_name);
-        let kept = self.bundle.join(format!("criu-{log_name}"));
-        if fs::copy(&log, &kept).is_err() {
-            return e;
-        }
-        let message = first_criu_error(&kept).unwrap_or_else(|| e.to_string());
-        // runc names the log in the work dir, which is gone by now: name the kept copy.
-        let runc_said = e
-            .to_string()
-            .replace(&log.display().to_string(), &kept.display().to_string());
-        Error::Criu {
-            action,
-            message: format!("{message} ({runc_said})"),
-            log: kept,
-        }
+/// CRIU's error, with its first meaningful log line and a copy of the log
+/// kept in the bundle (the work dir may be gone by the time anyone looks).
+fn criu_failure(
+    action: &'static str,
+    e: Error,
+    work: &Path,
+    log_name: &str,
+    bundle: &Path,
+) -> Error {
+    let log = work.join(log_name);
+    let kept = bundle.join(format!("criu-{log_name}"));
+    if fs::copy(&log, &kept).is_err() {
+        return e;
+    }
+    let message = first_criu_error(&kept).unwrap_or_else(|| e.to_string());
+    // runc names the log in the work dir: name the kept copy instead.
+    let runc_said = e
+        .to_string()
+        .replace(&log.display().to_string(), &kept.display().to_string());
+    Error::Criu {
+        action,
+        message: format!("{message} ({runc_said})"),
+        log: kept,
     }
 }
 
@@ -403,17 +410,7 @@ impl RestoreSource {
     }
 
     pub fn explain_failure(&self, e: Error, bundle: &Path) -> Error {
-        let log = self.work.join(RESTORE_LOG);
-        let kept = bundle.join(format!("criu-{RESTORE_LOG}"));
-        if fs::copy(&log, &kept).is_err() {
-            return e;
-        }
-        let message = first_criu_error(&kept).unwrap_or_else(|| e.to_string());
-        Error::Criu {
-            action: "restore",
-            message: format!("{message} ({e})"),
-            log: kept,
-        }
+        criu_failure("restore", e, &self.work, RESTORE_LOG, bundle)
     }
 }
 

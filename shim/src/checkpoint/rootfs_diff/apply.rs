@@ -353,14 +353,7 @@ fn finish(path: &Path, header: &Header, kind: EntryType) -> Result<()> {
             )),
             _ => Error::io(format!("open {}", path.display()))(e),
         })?;
-    let uid = header
-        .uid()
-        .ok()
-        .map(|u| nix::unistd::Uid::from_raw(u as u32));
-    let gid = header
-        .gid()
-        .ok()
-        .map(|g| nix::unistd::Gid::from_raw(g as u32));
+    let (uid, gid) = owner(header);
     nix::unistd::fchown(&file, uid, gid)
         .map_err(Error::nix(format!("chown {}", path.display())))?;
     let mode = header.mode().unwrap_or(0o644) & 0o7777;
@@ -374,7 +367,8 @@ fn finish(path: &Path, header: &Header, kind: EntryType) -> Result<()> {
     Ok(())
 }
 
-fn set_owner(path: &Path, header: &Header) -> Result<()> {
+/// The owner an entry's header asks for.
+fn owner(header: &Header) -> (Option<nix::unistd::Uid>, Option<nix::unistd::Gid>) {
     let uid = header
         .uid()
         .ok()
@@ -383,6 +377,11 @@ fn set_owner(path: &Path, header: &Header) -> Result<()> {
         .gid()
         .ok()
         .map(|g| nix::unistd::Gid::from_raw(g as u32));
+    (uid, gid)
+}
+
+fn set_owner(path: &Path, header: &Header) -> Result<()> {
+    let (uid, gid) = owner(header);
     nix::unistd::fchownat(
         nix::fcntl::AT_FDCWD,
         path,
