@@ -14,10 +14,10 @@ help: ## list the targets
 deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.1 (built from Debian source), busybox-static, protoc
 	bash scripts/install-deps.sh
 
-build: ## build the shim (debug) — what the tests use
-	$(CARGO) build -p $(SHIM)
+build: ## build the shim (debug, with the test-only switches of src/test_hooks.rs) — what the tests use
+	$(CARGO) build -p $(SHIM) --features test-hooks
 
-release: ## build the shim (release)
+release: ## build the shim (release: no test switches)
 	$(CARGO) build --release -p $(SHIM)
 
 install: release ## put the shim in PREFIX/bin (/usr/local/bin) and register io.containerd.custom.v2 in CONTAINERD_CONFIG (/etc/containerd/config.toml)
@@ -50,6 +50,7 @@ bench-quick: ## the benchmark with fewer rounds and smaller sizes, as a sanity c
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p $(SHIM) --all-targets --features test-hooks -- -D warnings
 
 fmt: ## format the code
 	$(CARGO) fmt --all

@@ -105,6 +105,8 @@ pub struct Client {
     channel: Channel,
     namespace: String,
     lease: Option<String>,
+    /// The deadline every request carries (gRPC `grpc-timeout`), if any.
+    timeout: Option<std::time::Duration>,
     root: PathBuf,
 }
 
@@ -123,6 +125,7 @@ impl Client {
             channel,
             namespace: namespace.to_string(),
             lease: None,
+            timeout: None,
             root: root.to_path_buf(),
         })
     }
@@ -150,9 +153,18 @@ impl Client {
         self.rt.block_on(f)
     }
 
+    /// Every later request carries this deadline (None: no deadline), as the kubelet puts one
+    /// on every CRI call; containerd passes it on to the shim.
+    pub fn set_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.timeout = timeout;
+    }
+
     /// `msg` with the namespace (and the lease, if any) as metadata.
     pub fn try_request<T>(&self, msg: T) -> Result<Request<T>, String> {
         let mut req = Request::new(msg);
+        if let Some(t) = self.timeout {
+            req.set_timeout(t);
+        }
         let md = req.metadata_mut();
         md.insert(
             "containerd-namespace",

@@ -1,14 +1,15 @@
 //! Consistency of checkpoints taken through containerd's API with no client-side pause.
 //!
 //! The workload keeps a counter `i` in memory and writes it to /count in its rootfs each
-//! iteration; the invariant is that the file never runs ahead of memory: each iteration reads
-//! the file value `f`, writes /violation when `f > i`, then `i=i+1` and writes `i`. A checkpoint
-//! that takes memory (CRIU) and files (the rootfs diff) at different moments breaks it on
-//! restore: the process resumes with the `i` of the dump and reads a later `f`. The workload
-//! cannot see it when the dump caught it between reading and rewriting /count (it overwrites
-//! the newer file first), so the test also checks from outside: the restored counter must not
-//! start below the /count the checkpoint's rootfs diff holds (read from the blob containerd
-//! stored).
+//! iteration; the invariant is that the file and memory agree: each iteration reads the file
+//! value `f`, writes /violation when `f != i`, then `i=i+1` and writes `i`. A checkpoint that
+//! takes memory (CRIU) and files (the rootfs diff) at different moments breaks it on restore:
+//! the process resumes with the `i` of the dump and reads an `f` of another moment (later when
+//! the diff is taken after the dump, earlier when before — the shim captures the diff first,
+//! inside the freeze). The workload cannot see it when the dump caught it between reading and
+//! rewriting /count (it overwrites the file first), so the test also checks from outside: the
+//! restored counter must not start below the /count the checkpoint's rootfs diff holds (read
+//! from the blob containerd stored).
 //!
 //! Checkpoints: Tasks.Checkpoint with `containerd.runc.v1.CheckpointOptions` (empty), under a
 //! lease, nothing around it. Restores: a new container with a fresh snapshot of the image and
@@ -24,7 +25,9 @@ use integration::{read_in_container, run_scenario, Containerd, Runtime, IMAGE, S
 
 const T: Duration = Duration::from_secs(30);
 
-/// The invariant workload. /marker holds a token drawn at start: a restore that re-ran the
+/// The invariant workload: at each read, /count holds exactly the counter in memory (the loop
+/// wrote it just before), so a restore whose files are ahead of or behind its memory shows up as
+/// /violation. /marker holds a token drawn at start: a restore that re-ran the
 /// script instead of resuming it would write a new one. /a-ballast (16 MiB, sorted before
 /// /count) is what a real container has too, rootfs changes that take the diff a moment to copy:
 /// without the freeze the counter runs on meanwhile, and /count is read after it. The counter
@@ -35,7 +38,7 @@ const COUNTER: &str = "head -c 16777216 /dev/zero > /a-ballast; tok=$(head -c 8 
 i=0; echo 0 > /count; \
 while :; do \
   f=; read f < /count; \
-  if [ -n \"$f\" ] && [ \"$f\" -gt \"$i\" ]; then echo \"file $f > memory $i\" >> /violation; fi; \
+  if [ -n \"$f\" ] && [ \"$f\" -ne \"$i\" ]; then echo \"file $f != memory $i\" >> /violation; fi; \
   i=$((i+1)); echo $i 1<> /count; \
 done";
 
@@ -97,7 +100,7 @@ fn inspect(api: &Api, cd: &Containerd, desc: containerd_client::types::Descripto
 enum Outcome {
     /// Resumed, counted on past the checkpointed value, no /violation.
     Consistent,
-    /// The workload wrote /violation: it read a file value ahead of its memory.
+    /// The workload wrote /violation: it read a file value other than its memory.
     Violation(String),
     /// Memory was behind the file all the same, seen from outside: the restored process counts
     /// from below the /count the checkpoint holds (when the dump caught it between reading and

@@ -665,3 +665,55 @@ both_runtimes!(checkpoint_disk_full, |rt, cd| {
     assert_running_and_thawed(cd, id, pid, "after a checkpoint with room");
     remove_container(cd, id);
 });
+
+#[test]
+fn checkpoint_with_exit_disk_full_keeps_the_container_custom() {
+    // With `exit`, CRIU kills the processes once it has dumped them: a failure after that would
+    // lose the only copy. The shim captures the rootfs diff first (in the same freeze), so a full
+    // disk fails the diff or the dump, before anything is killed: the container runs on.
+    integration::run_scenario(Runtime::Custom, |rt, cd| {
+        let id = "fullexit";
+        let script = format!("head -c 4194304 /dev/urandom > /ballast; {COUNTER}");
+        let pid = run_with(cd, rt, id, &[], &["sh", "-c", &script]);
+        wait_count_advances(pid, "before");
+        // 1 MiB: the 4 MiB diff does not fit. 4200 KiB: the diff fits, CRIU's images do not.
+        for size in ["1m", "4200k"] {
+            let dir = cd.dir().join(format!("fullexit-{size}"));
+            let tmpfs = Tmpfs::mount(&dir, size);
+            let out = cd.ctr([
+                "tasks",
+                "checkpoint",
+                "--exit",
+                "--image-path",
+                dir.to_str().unwrap(),
+                id,
+            ]);
+            let left = integration::faults::list_dir(&dir);
+            eprintln!(
+                "exit checkpoint into {size}: {}\nleft: {left:?}",
+                show(&out)
+            );
+            assert!(
+                !out.status.success(),
+                "an exit checkpoint into a {size} tmpfs should fail: {}",
+                show(&out)
+            );
+            // CRIU words its own ENOSPC in many ways; the shim's diff says it plainly.
+            assert!(
+                size != "1m" || integration::stderr(&out).contains("No space left on device"),
+                "the error should say the disk is full: {}",
+                show(&out)
+            );
+            cd.wait_task_status(id, "RUNNING", STATE_TIMEOUT);
+            assert_running_and_thawed(
+                cd,
+                id,
+                pid,
+                &format!("after an exit checkpoint into {size}"),
+            );
+            assert!(left.is_empty(), "partial files left: {left:?}");
+            drop(tmpfs);
+        }
+        remove_container(cd, id);
+    });
+}

@@ -23,6 +23,14 @@ pub enum Error {
     #[error("{0} is not implemented")]
     Unimplemented(String),
 
+    /// runc or CRIU ran past its time and was killed; the container was put back.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
+    /// The caller gave up before the operation could commit; it was rolled back.
+    #[error("{0}")]
+    Cancelled(String),
+
     /// runc exited non-zero; `message` is runc's own last error line.
     #[error("runc {command} failed: {message}")]
     Runc { command: String, message: String },
@@ -108,28 +116,34 @@ impl Error {
             Error::NotFound(_) => Code::NOT_FOUND,
             Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-            Error::InvalidArgument(_) | Error::Json { .. } | Error::Protobuf { .. } => {
-                Code::INVALID_ARGUMENT
-            }
+            // Protobuf errors come from decoding what the request carried.
+            Error::InvalidArgument(_) | Error::Protobuf { .. } => Code::INVALID_ARGUMENT,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
-            Error::Runc { message, .. } => runc_code(message),
+            Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
+            Error::Cancelled(_) => Code::CANCELLED,
+            Error::Runc { command, message } => runc_code(command, message),
             Error::Criu { .. } => Code::INTERNAL,
-            Error::Io { source, .. } => match source.kind() {
-                std::io::ErrorKind::NotFound => Code::NOT_FOUND,
-                _ => Code::INTERNAL,
-            },
-            Error::Nix { .. } | Error::Shim { .. } | Error::Internal(_) => Code::INTERNAL,
+            // NotFound is for unknown ids and processes already gone: a missing
+            // file (the runc binary, a pid file) is the shim's own failure.
+            Error::Io { .. }
+            | Error::Json { .. }
+            | Error::Nix { .. }
+            | Error::Shim { .. }
+            | Error::Internal(_) => Code::INTERNAL,
         }
     }
 }
 
 /// runc reports some state errors only as text; containerd's clients act on
-/// the class (a kill of a stopped process is NotFound, as the Go shim says).
-fn runc_code(message: &str) -> Code {
+/// the class. As the Go shim decides (`checkKillError`): a kill of a process
+/// that is gone ("container not running" included) is NotFound, so that a CRI
+/// StopContainer racing a natural exit succeeds.
+fn runc_code(command: &str, message: &str) -> Code {
     let m = message.to_ascii_lowercase();
     if m.contains("container does not exist")
         || m.contains("process already finished")
         || m.contains("no such process")
+        || (command == "kill" && m.contains("container not running"))
     {
         Code::NOT_FOUND
     } else if m.contains("not running") || m.contains("not paused") || m.contains("is paused") {
@@ -197,8 +211,13 @@ mod tests {
             command: "kill".into(),
             message: "container not running".into(),
         });
-        assert_eq!(code, Code::FAILED_PRECONDITION);
+        assert_eq!(code, Code::NOT_FOUND);
         assert!(msg.contains("container not running"), "{msg}");
+        let (code, _) = status(Error::Runc {
+            command: "pause".into(),
+            message: "container not running".into(),
+        });
+        assert_eq!(code, Code::FAILED_PRECONDITION);
         let (code, _) = status(Error::Runc {
             command: "kill".into(),
             message: "process already finished".into(),
@@ -209,6 +228,19 @@ mod tests {
             message: "exec: \"nope\": executable file not found in $PATH".into(),
         });
         assert_eq!(code, Code::UNKNOWN);
+    }
+
+    #[test]
+    fn internal_failures_are_not_not_found() {
+        // A missing runc binary must not read as "already stopped" to the CRI.
+        let e = Error::io("spawn runc")(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert_eq!(status(e).0, Code::INTERNAL);
+        let e = Error::json("decode runc ps")(serde_json::from_str::<u8>("x").unwrap_err());
+        assert_eq!(status(e).0, Code::INTERNAL);
+        assert_eq!(
+            status(Error::DeadlineExceeded("slow".into())).0,
+            Code::DEADLINE_EXCEEDED
+        );
     }
 
     #[test]

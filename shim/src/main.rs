@@ -8,10 +8,12 @@ mod error;
 mod events;
 mod io;
 mod options;
+mod owned;
 mod reaper;
 mod runtime;
 mod service;
 mod shim;
+mod test_hooks;
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_NAME: &str = "io.containerd.custom.v2";

@@ -41,7 +41,18 @@ pub struct RuntimeOptions {
     pub criu_image_path: String,
     #[serde(alias = "CriuWorkPath")]
     pub criu_work_path: String,
+    /// How long one `runc checkpoint` or `runc restore` (and the CRIU under
+    /// it) may run, in seconds; 0 means [`DEFAULT_CRIU_TIMEOUT`]. Past it the
+    /// shim kills them, puts the container back and reports DeadlineExceeded.
+    /// Only the CRI's TOML options can carry it (`CriuTimeout = 120`).
+    #[serde(alias = "CriuTimeout")]
+    pub criu_timeout: u64,
 }
+
+/// The time runc and CRIU get for one checkpoint or restore unless the
+/// runtime options say otherwise: generous, since a dump of a large container
+/// to a slow disk takes minutes, but bounded.
+pub const DEFAULT_CRIU_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl RuntimeOptions {
     pub fn runc_binary(&self) -> PathBuf {
@@ -49,6 +60,14 @@ impl RuntimeOptions {
             PathBuf::from("runc")
         } else {
             PathBuf::from(&self.binary_name)
+        }
+    }
+
+    pub fn criu_timeout(&self) -> std::time::Duration {
+        if self.criu_timeout == 0 {
+            DEFAULT_CRIU_TIMEOUT
+        } else {
+            std::time::Duration::from_secs(self.criu_timeout)
         }
     }
 
@@ -81,6 +100,7 @@ impl RuntimeOptions {
                     io_gid: o.io_gid,
                     criu_image_path: o.criu_image_path,
                     criu_work_path: o.criu_work_path,
+                    criu_timeout: 0,
                 })
             }
             "runtimeoptions.v1.Options" => {
@@ -227,8 +247,9 @@ mod tests {
     fn cri_toml_options() {
         let cri = CriOptions {
             type_url: "runtimeoptions.v1.Options".into(),
-            config_body: b"BinaryName = \"/opt/runc\"\nSystemdCgroup = true\nRoot = \"/r\"\n"
-                .to_vec(),
+            config_body:
+                b"BinaryName = \"/opt/runc\"\nSystemdCgroup = true\nRoot = \"/r\"\nCriuTimeout = 7\n"
+                    .to_vec(),
             ..Default::default()
         };
         let r = RuntimeOptions::from_any(Some(&any("runtimeoptions.v1.Options", &cri))).unwrap();
@@ -236,6 +257,11 @@ mod tests {
         assert_eq!(r.root, "/r");
         assert!(r.systemd_cgroup);
         assert_eq!(r.runc_root("k8s.io"), PathBuf::from("/r/k8s.io"));
+        assert_eq!(r.criu_timeout(), std::time::Duration::from_secs(7));
+        assert_eq!(
+            RuntimeOptions::default().criu_timeout(),
+            DEFAULT_CRIU_TIMEOUT
+        );
     }
 
     #[test]

@@ -13,42 +13,46 @@ use containerd_shim::{
 };
 use containerd_shim_protos::{
     api::{self, Empty},
-    events::task::{
-        TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskOOM, TaskPaused, TaskResumed,
-    },
+    events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskIO, TaskPaused, TaskResumed},
     protobuf::{well_known_types::any::Any, Message, MessageField},
     shim::oci::ProcessDetails,
     shim_async::Task,
     ttrpc::{self, r#async::TtrpcContext},
 };
-use log::{debug, info, warn};
+use log::{debug, info};
 
 use crate::{
-    cgroup,
     container::{lifecycle::CreateConfig, Container, Shared},
     error::{Error, Result},
     options::{CheckpointOptions, RuntimeOptions},
+    owned,
 };
 
 type TtrpcResult<T> = std::result::Result<T, ttrpc::Error>;
 
+type Containers = Arc<Mutex<HashMap<String, Arc<Container>>>>;
+
 pub struct Service {
     shared: Shared,
-    containers: Mutex<HashMap<String, Arc<Container>>>,
+    containers: Containers,
     exit: Arc<ExitSignal>,
+}
+
+fn lock_all(all: &Containers) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
+    all.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Service {
     pub fn new(shared: Shared, exit: Arc<ExitSignal>) -> Self {
         Self {
             shared,
-            containers: Mutex::new(HashMap::new()),
+            containers: Arc::new(Mutex::new(HashMap::new())),
             exit,
         }
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
-        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+        lock_all(&self.containers)
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
@@ -56,30 +60,6 @@ impl Service {
             .get(id)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
-    }
-
-    fn watch_oom(&self, c: &Container) {
-        let pid = c.init.pid();
-        let publisher = self.shared.publisher.clone();
-        let id = c.id.clone();
-        let on_oom = move || {
-            info!("container {id}: OOM");
-            publisher.publish(TaskOOM {
-                container_id: id.clone(),
-                ..Default::default()
-            });
-        };
-        let watched = if let Some(memory) = cgroup::v1_memory_of(pid) {
-            cgroup::oom::watch_v1(memory, on_oom)
-        } else if let Some(dir) = cgroup::v2_dir_of(pid) {
-            cgroup::oom::watch_v2(dir, on_oom)
-        } else {
-            debug!("container {}: no memory cgroup to watch for OOM", c.id);
-            return;
-        };
-        if let Err(e) = watched {
-            warn!("container {}: OOM events unavailable: {e}", c.id);
-        }
     }
 
     async fn do_create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
@@ -107,51 +87,68 @@ impl Service {
                 .filter(|c| !c.is_empty())
                 .map(PathBuf::from),
         };
-        let container = Container::create(self.shared.clone(), cfg).await?;
-        let pid = container.init.pid();
-        {
-            let mut all = self.containers();
-            if all.contains_key(&req.id) {
+        let shared = self.shared.clone();
+        let containers = self.containers.clone();
+        // Owned: a caller that gives up mid-way gets nothing half-made (the
+        // container is taken back), and one that waits gets it whole.
+        owned::run(move |caller| async move {
+            let container = Container::create(shared.clone(), cfg).await?;
+            if let Err(e) = caller.check("the create") {
+                container.abandon().await;
+                return Err(e);
+            }
+            let pid = container.init().pid();
+            let taken = {
+                let mut all = lock_all(&containers);
+                let taken = all.contains_key(&req.id);
+                if !taken {
+                    all.insert(req.id.clone(), container.clone());
+                }
+                taken
+            };
+            if taken {
+                container.abandon().await;
                 return Err(Error::AlreadyExists(format!("container {}", req.id)));
             }
-            all.insert(req.id.clone(), container.clone());
-        }
-        if pid != 0 {
-            self.watch_oom(&container);
-        }
-        self.shared.publisher.publish(TaskCreate {
-            container_id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs: req.rootfs.clone(),
-            io: MessageField::some(TaskIO {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
+            if pid != 0 {
+                container.watch_oom();
+            }
+            shared.publisher.publish(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                checkpoint: req.checkpoint.clone(),
+                pid: pid as u32,
                 ..Default::default()
-            }),
-            checkpoint: req.checkpoint.clone(),
-            pid: pid as u32,
-            ..Default::default()
-        });
-        info!("container {} created, pid {pid}", req.id);
-        Ok(api::CreateTaskResponse {
-            pid: pid as u32,
-            ..Default::default()
+            });
+            info!("container {} created, pid {pid}", req.id);
+            Ok(api::CreateTaskResponse {
+                pid: pid as u32,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn do_start(&self, req: &api::StartRequest) -> Result<api::StartResponse> {
         let c = self.get(&req.id)?;
         let pid = if req.exec_id.is_empty() {
-            let restoring = c.init.pid() == 0;
+            let restoring = c.init().pid() == 0;
             let pid = c.start().await?;
             if restoring {
-                self.watch_oom(&c);
+                c.watch_oom();
             }
             pid
         } else {
-            c.start_exec(&req.exec_id).await?
+            let exec_id = req.exec_id.clone();
+            owned::run(move |_caller| async move { c.start_exec(&exec_id).await }).await?
         };
         Ok(api::StartResponse {
             pid: pid as u32,
@@ -164,7 +161,7 @@ impl Service {
         let process = if req.exec_id.is_empty() {
             c.delete_init().await?;
             self.containers().remove(&req.id);
-            c.init.clone()
+            c.init().clone()
         } else {
             c.delete_exec(&req.exec_id).await?
         };
@@ -173,8 +170,8 @@ impl Service {
         let pid = process.pid() as u32;
         if req.exec_id.is_empty() {
             self.shared.publisher.publish(TaskDelete {
-                container_id: c.id.clone(),
-                id: c.id.clone(),
+                container_id: c.id().to_string(),
+                id: c.id().to_string(),
                 pid,
                 exit_status: code as u32,
                 exited_at: MessageField::some(convert_to_timestamp(at)),
@@ -196,11 +193,11 @@ impl Service {
         let (code, at) = st.exit.map(|e| (e.code, Some(e.at))).unwrap_or((0, None));
         Ok(api::StateResponse {
             id: if p.is_init() {
-                c.id.clone()
+                c.id().to_string()
             } else {
                 p.exec_id.clone()
             },
-            bundle: c.bundle.display().to_string(),
+            bundle: c.bundle().display().to_string(),
             pid: st.pid as u32,
             status: api::Status::from(st.status).into(),
             stdin: p.stdio.stdin.clone(),
@@ -258,7 +255,7 @@ impl Service {
             spec,
         )?;
         self.shared.publisher.publish(TaskExecAdded {
-            container_id: c.id.clone(),
+            container_id: c.id().to_string(),
             exec_id: req.exec_id.clone(),
             ..Default::default()
         });
@@ -336,7 +333,7 @@ impl Task for Service {
             let c = self.get(&req.id)?;
             c.pause().await?;
             self.shared.publisher.publish(TaskPaused {
-                container_id: c.id.clone(),
+                container_id: c.id().to_string(),
                 ..Default::default()
             });
             Ok(())
@@ -350,7 +347,7 @@ impl Task for Service {
             let c = self.get(&req.id)?;
             c.resume().await?;
             self.shared.publisher.publish(TaskResumed {
-                container_id: c.id.clone(),
+                container_id: c.id().to_string(),
                 ..Default::default()
             });
             Ok(())
@@ -367,7 +364,7 @@ impl Task for Service {
         let r = async {
             let c = self.get(&req.id)?;
             let opts = CheckpointOptions::from_any(req.options.as_ref())?;
-            c.checkpoint(std::path::Path::new(&req.path), opts).await
+            c.checkpoint(PathBuf::from(&req.path), opts).await
         };
         empty(r.await)
     }
@@ -467,7 +464,7 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.get(&req.id).map(|c| c.init.pid()).unwrap_or(0);
+        let task_pid = self.get(&req.id).map(|c| c.init().pid()).unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid: task_pid as u32,

@@ -11,7 +11,7 @@ use containerd_shim::{
     Config, Error as ShimError, Flags, StartOpts,
 };
 use containerd_shim_protos::{api::DeleteResponse, protobuf::MessageField};
-use log::warn;
+use log::{debug, warn};
 use time::OffsetDateTime;
 
 use crate::{
@@ -85,8 +85,13 @@ impl Shim for CustomShim {
             warn!("runc delete {}: {e}", self.id);
         }
         unmount_all(&bundle.join("rootfs"));
+        // The init's pid, as the Go shim reads it back from the bundle.
+        let pid = std::fs::read_to_string(bundle.join("init.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(0);
         Ok(DeleteResponse {
-            pid: 0,
+            pid,
             // 128 + SIGKILL: the task died with its shim.
             exit_status: 137,
             exited_at: MessageField::some(convert_to_timestamp(Some(OffsetDateTime::now_utc()))),
@@ -118,19 +123,12 @@ impl Shim for CustomShim {
 /// perhaps still seized by a CRIU: kill the tracers of its tasks and thaw it,
 /// so that `runc delete --force` can finish it off.
 fn release_from_checkpoint(runc_root: &Path, id: &str) {
-    let Ok(bytes) = std::fs::read(runc_root.join(id).join("state.json")) else {
-        return;
-    };
-    let Ok(state) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-        return;
-    };
-    let paths = &state["cgroup_paths"];
-    let freezer = if let Some(p) = paths["freezer"].as_str() {
-        crate::cgroup::Freezer::V1(p.into())
-    } else if let Some(p) = paths[""].as_str() {
-        crate::cgroup::Freezer::V2(p.into())
-    } else {
-        return;
+    let freezer = match crate::cgroup::of_container(runc_root, id) {
+        Ok(cg) => cg.freezer,
+        Err(e) => {
+            debug!("delete {id}: {e}");
+            return;
+        }
     };
     let procs: Vec<i32> = std::fs::read_to_string(freezer.path().join("cgroup.procs"))
         .unwrap_or_default()

@@ -3,10 +3,62 @@
 pub mod freezer;
 pub mod oom;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 pub use freezer::{FreezeGuard, Freezer};
+
+/// A container's cgroups, as runc recorded them when it made the container
+/// (`cgroup_paths` in its `state.json`): the container's own cgroup, not the
+/// leaf its init happens to sit in, so that freezing it covers the whole
+/// subtree (a workload with sub-cgroups: systemd, nested runtimes).
+/// Freeze, OOM and crash cleanup all ask this one resolver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerCgroup {
+    pub freezer: Freezer,
+    /// The v1 memory cgroup, on hosts where runc uses v1.
+    pub memory_v1: Option<PathBuf>,
+    /// The v2 cgroup, on hosts where runc uses cgroup v2 alone.
+    pub v2: Option<PathBuf>,
+}
+
+/// The cgroups of container `id` in runc's state under `runc_root`.
+pub fn of_container(runc_root: &Path, id: &str) -> Result<ContainerCgroup> {
+    let state = runc_root.join(id).join("state.json");
+    let bytes = std::fs::read(&state).map_err(Error::io(format!("read {}", state.display())))?;
+    from_runc_state(&bytes).ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "runc's state {} names no freezer cgroup for container {id}",
+            state.display()
+        ))
+    })
+}
+
+fn from_runc_state(bytes: &[u8]) -> Option<ContainerCgroup> {
+    let state: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let paths = state.get("cgroup_paths")?;
+    let path = |k: &str| {
+        paths
+            .get(k)
+            .and_then(|v| v.as_str())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+    };
+    let unified = path("");
+    if let Some(freezer) = path("freezer") {
+        return Some(ContainerCgroup {
+            freezer: Freezer::V1(freezer),
+            memory_v1: path("memory"),
+            v2: None,
+        });
+    }
+    let v2 = unified?;
+    Some(ContainerCgroup {
+        freezer: Freezer::V2(v2.clone()),
+        memory_v1: None,
+        v2: Some(v2),
+    })
+}
 
 /// The freezer of the cgroup `pid` is in: v1's freezer controller when it is
 /// mounted (runc puts containers there on hybrid hosts), else cgroup v2.
@@ -102,6 +154,27 @@ mod tests {
 35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
+
+    #[test]
+    fn runc_state_names_the_container_cgroup() {
+        let hybrid = br#"{"id":"c1","cgroup_paths":{"freezer":"/sys/fs/cgroup/freezer/default/c1",
+            "memory":"/sys/fs/cgroup/memory/default/c1","":"/sys/fs/cgroup/unified/default/c1"}}"#;
+        let cg = from_runc_state(hybrid).unwrap();
+        assert_eq!(
+            cg.freezer,
+            Freezer::V1("/sys/fs/cgroup/freezer/default/c1".into())
+        );
+        assert_eq!(
+            cg.memory_v1,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/default/c1"))
+        );
+        let unified = br#"{"cgroup_paths":{"":"/sys/fs/cgroup/k8s/pod/c1"}}"#;
+        let cg = from_runc_state(unified).unwrap();
+        assert_eq!(cg.freezer, Freezer::V2("/sys/fs/cgroup/k8s/pod/c1".into()));
+        assert_eq!(cg.v2, Some(PathBuf::from("/sys/fs/cgroup/k8s/pod/c1")));
+        assert_eq!(from_runc_state(br#"{"cgroup_paths":{}}"#), None);
+        assert_eq!(from_runc_state(b"not json"), None);
+    }
 
     #[test]
     fn hybrid_host_uses_v1_freezer() {

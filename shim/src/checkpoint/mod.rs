@@ -1,6 +1,10 @@
-//! The consistent checkpoint: freeze → CRIU dump through runc → rootfs diff
+//! The consistent checkpoint: freeze → rootfs diff → CRIU dump through runc
 //! → thaw, all inside one bracket the shim holds; and the restore that
 //! brings files back at Create and memory back at Start.
+//!
+//! This module sees a container only through [`Target`]: its id, bundle,
+//! rootfs, runc and init. The container decides when an operation runs (its
+//! lock, its state, an owned task: see `container/checkpoint.rs`).
 
 pub mod layout;
 pub mod rootfs_diff;
@@ -8,7 +12,6 @@ pub mod rootfs_diff;
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,23 +19,45 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    cgroup::{self, FreezeGuard},
-    container::{Container, Status},
+    cgroup::{self, FreezeGuard, Freezer},
+    container::Status,
     error::{Error, Result},
     options::CheckpointOptions,
-    runtime::runc::CheckpointOpts,
+    owned::Caller,
+    runtime::runc::{CheckpointOpts, Runc},
 };
 use layout::{DUMP_LOG, METADATA, RESTORE_LOG, RESTORE_RECORD};
 
-/// A container annotation that switches the shim's freeze off, for the test
-/// that shows what the bracket prevents. Never set it in production.
-pub const NO_FREEZE_ANNOTATION: &str = "dev.custom-shim.test/no-freeze";
+/// What checkpoint and restore use of a container.
+pub struct Target<'a> {
+    pub id: &'a str,
+    pub bundle: &'a Path,
+    pub rootfs: &'a Path,
+    pub runc: &'a Runc,
+    /// The init's pid (0 before it ran), for hosts where runc's state says nothing.
+    pub init_pid: i32,
+}
+
+impl Target<'_> {
+    /// The freezer of the container's own cgroup (its whole subtree), from
+    /// runc's state; the init's cgroup only if runc's state names none.
+    fn freezer(&self) -> Result<Freezer> {
+        match cgroup::of_container(&self.runc.root, self.id) {
+            Ok(cg) => Ok(cg.freezer),
+            Err(e) if self.init_pid > 0 => {
+                warn!("container {}: {e}; freezing the init's cgroup", self.id);
+                cgroup::freezer_of(self.init_pid)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
 
 #[derive(Debug, Default, Serialize)]
 struct Phases {
     freeze_ms: f64,
-    dump_ms: f64,
     diff_ms: f64,
+    dump_ms: f64,
     thaw_ms: f64,
     total_ms: f64,
 }
@@ -57,180 +82,292 @@ struct Metadata {
     frozen_by_shim: bool,
     /// Why the rootfs diff is missing, when it is.
     rootfs_diff_skipped: Option<String>,
+    /// Files of the rootfs the diff does not carry (sockets, device nodes), and why.
+    rootfs_diff_left_out: Vec<String>,
     phases: Phases,
     rootfs_diff_bytes: u64,
     rootfs_diff_entries: u64,
     deleted_files: u64,
     images_bytes: u64,
+    /// False in the record written before the dump, true once CRIU finished.
+    complete: bool,
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-impl Container {
-    /// Checkpoints the container into `path` (or the options' image path).
-    pub async fn checkpoint(self: &Arc<Self>, path: &Path, opts: CheckpointOptions) -> Result<()> {
-        let _op = self.ops.lock().await;
-        let status = self
-            .init
-            .require(&[Status::Running, Status::Paused], "checkpoint")?;
-        let image = if opts.image_path.is_empty() {
-            path.to_path_buf()
-        } else {
-            PathBuf::from(&opts.image_path)
-        };
-        if image.as_os_str().is_empty() {
-            return Err(Error::InvalidArgument("checkpoint path is empty".into()));
-        }
-        fs::create_dir_all(&image).map_err(Error::io(format!("create {}", image.display())))?;
-        // What was there before is the caller's; only what this checkpoint adds is removed on failure.
-        let existing = entry_names(&image);
-        // A work dir of our own (CRIU's logs), kept on failure under the bundle.
-        let work = if opts.work_path.is_empty() {
-            tempfile::Builder::new()
-                .prefix("criu-work-")
-                .tempdir_in(&self.bundle)
-                .map_err(Error::io("create CRIU work dir"))?
-                .keep()
-        } else {
-            PathBuf::from(&opts.work_path)
-        };
-        fs::create_dir_all(&work).map_err(Error::io(format!("create {}", work.display())))?;
-        let result = self.checkpoint_bracket(&image, &work, &opts, status).await;
-        let own_work = opts.work_path.is_empty();
-        match &result {
-            Ok(()) if own_work => {
-                let _ = fs::remove_dir_all(&work);
-            }
-            Ok(()) => {}
-            Err(_) => {
-                // Nothing partial stays where the checkpoint was to go.
-                remove_new_entries(&image, &existing);
-                if own_work {
-                    let _ = fs::remove_dir_all(&work);
-                }
-            }
-        }
-        result
+/// Checkpoints `t` into `path` (or the options' image path). `status` is the
+/// init's, Running or Paused; the caller holds the container's lock and runs
+/// this as an owned operation.
+///
+/// Everything is written into a staging directory beside the target and
+/// moved in at the end, so a failed, cancelled or timed-out checkpoint leaves
+/// no partial files, and a caller that gives up and removes the target takes
+/// none of an `exit` checkpoint's images with it.
+pub async fn dump(
+    t: &Target<'_>,
+    path: &Path,
+    opts: &CheckpointOptions,
+    status: Status,
+    caller: &Caller,
+) -> Result<()> {
+    let target = if opts.image_path.is_empty() {
+        path.to_path_buf()
+    } else {
+        PathBuf::from(&opts.image_path)
+    };
+    if target.as_os_str().is_empty() {
+        return Err(Error::InvalidArgument("checkpoint path is empty".into()));
     }
+    fs::create_dir_all(&target).map_err(Error::io(format!("create {}", target.display())))?;
+    let staging = Staging::new(&target)?;
+    // A work dir of our own (CRIU's logs); the log is kept in the bundle on failure.
+    let own_work = opts.work_path.is_empty();
+    let work = if own_work {
+        tempfile::Builder::new()
+            .prefix("criu-work-")
+            .tempdir_in(t.bundle)
+            .map_err(Error::io("create CRIU work dir"))?
+            .keep()
+    } else {
+        PathBuf::from(&opts.work_path)
+    };
+    let result = match fs::create_dir_all(&work) {
+        Ok(()) => bracket(t, &staging.dir, &work, opts, status, caller).await,
+        Err(e) => Err(Error::io(format!("create {}", work.display()))(e)),
+    };
+    if own_work {
+        let _ = fs::remove_dir_all(&work);
+    }
+    result?;
+    match caller.check("the checkpoint") {
+        Ok(()) => match staging.commit(&target) {
+            Ok(()) => Ok(()),
+            Err((e, staging)) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
+            Err((e, _)) => Err(e),
+        },
+        // The processes are gone: the images are the container now.
+        Err(e) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
+        // Live: the container runs on, thawed; the staging dir goes.
+        Err(e) => Err(e),
+    }
+}
 
-    async fn checkpoint_bracket(
-        self: &Arc<Self>,
-        image: &Path,
-        work: &Path,
-        opts: &CheckpointOptions,
-        status: Status,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let mut phases = Phases::default();
-        // Found before freezing, so that a rootfs we cannot diff fails nothing.
-        let overlay = match rootfs_diff::overlay_of(&self.rootfs) {
-            Ok(o) => Ok(o),
-            Err(e) => {
-                warn!("container {}: rootfs diff skipped: {e}", self.id);
-                Err(e.to_string())
-            }
-        };
-        let freezer = cgroup::freezer_of(self.init.pid())?;
-        // Frozen already (paused, or by someone else): it stays as it is.
-        let freeze =
-            status == Status::Running && !self.freeze_disabled() && !freezer.is_frozen()?;
-        let mut guard = Some(if freeze {
-            let t = Instant::now();
-            let g = tokio::task::spawn_blocking(move || FreezeGuard::freeze(freezer))
+fn keep_only_copy(id: &str, staging: Staging, e: Error) -> Error {
+    let kept = staging.keep();
+    warn!(
+        "container {id}: checkpoint with exit could not be handed over ({e}); its images are kept at {}",
+        kept.display()
+    );
+    Error::Internal(format!(
+        "{e}; the container exited with the checkpoint, whose images are kept at {}",
+        kept.display()
+    ))
+}
+
+async fn bracket(
+    t: &Target<'_>,
+    image: &Path,
+    work: &Path,
+    opts: &CheckpointOptions,
+    status: Status,
+    caller: &Caller,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut phases = Phases::default();
+    // Found before freezing, so that a rootfs we cannot diff fails nothing.
+    let overlay = rootfs_diff::overlay_of(t.rootfs).map_err(|e| {
+        warn!("container {}: rootfs diff skipped: {e}", t.id);
+        e.to_string()
+    });
+    let freezer = t.freezer()?;
+    // Frozen already (paused, or by someone else): it stays as it is.
+    let freeze = status == Status::Running
+        && !crate::test_hooks::no_freeze(t.bundle)
+        && !freezer.is_frozen()?;
+    caller.check("the checkpoint")?;
+    let mut guard = Some(if freeze {
+        let t0 = Instant::now();
+        let g = tokio::task::spawn_blocking(move || FreezeGuard::freeze(freezer))
+            .await
+            .map_err(|e| Error::Internal(format!("freeze task: {e}")))??;
+        phases.freeze_ms = ms(t0.elapsed());
+        g
+    } else {
+        FreezeGuard::none()
+    });
+    // From here every way out thaws (the guard), unless the task was paused.
+    caller.check("the checkpoint")?;
+
+    // Files first, in the same freeze as memory: a failure here (a full disk)
+    // leaves the container running even when `exit` was asked.
+    let t0 = Instant::now();
+    let (diff, skipped) = match overlay {
+        Ok(overlay) => {
+            let dir = image.to_path_buf();
+            let stats = tokio::task::spawn_blocking(move || rootfs_diff::capture(&overlay, &dir))
                 .await
-                .map_err(|e| Error::Internal(format!("freeze task: {e}")))??;
-            phases.freeze_ms = ms(t.elapsed());
-            g
-        } else {
-            FreezeGuard::none()
-        });
+                .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))??;
+            (stats, None)
+        }
+        Err(why) => (Default::default(), Some(why)),
+    };
+    phases.diff_ms = ms(t0.elapsed());
+    caller.check("the checkpoint")?;
 
-        let t = Instant::now();
-        let criu = CheckpointOpts {
-            image_path: image.to_path_buf(),
-            work_path: work.to_path_buf(),
-            parent_path: None,
-            leave_running: !opts.exit,
+    let mut metadata = Metadata {
+        dump_flags: DumpFlags {
             tcp_established: opts.open_tcp,
             ext_unix_sk: opts.external_unix_sockets,
             shell_job: opts.terminal,
             file_locks: opts.file_locks,
-            empty_ns: opts.empty_namespaces.clone(),
-            manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
-        };
-        if let Err(e) = self.runc.checkpoint(&self.id, &criu).await {
-            // The guard thaws on drop: running stays running, paused stays paused.
-            drop(guard);
-            return Err(criu_failure("dump", e, work, DUMP_LOG, &self.bundle));
-        }
-        phases.dump_ms = ms(t.elapsed());
+        },
+        shim_version: env!("CARGO_PKG_VERSION"),
+        criu_version: None,
+        container_id: t.id.to_string(),
+        leave_running: !opts.exit,
+        frozen_by_shim: freeze,
+        rootfs_diff_skipped: skipped,
+        rootfs_diff_left_out: diff.skipped.clone(),
+        phases: Phases::default(),
+        rootfs_diff_bytes: diff.bytes,
+        rootfs_diff_entries: diff.entries,
+        deleted_files: diff.deleted,
+        images_bytes: 0,
+        complete: false,
+    };
+    // Before the dump: images of an `exit` checkpoint never lack their flags.
+    write_metadata(image, &metadata)?;
 
-        if opts.exit {
-            // The processes are gone; thaw so that the v1 freezer lets them die.
-            let t = Instant::now();
-            thaw(guard.take())?;
-            phases.thaw_ms = ms(t.elapsed());
-        }
-        let t = Instant::now();
-        let (diff, skipped) = match overlay {
-            Ok(overlay) => {
-                let dir = image.to_path_buf();
-                let stats =
-                    tokio::task::spawn_blocking(move || rootfs_diff::capture(&overlay, &dir))
-                        .await
-                        .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))?;
-                (Some(stats?), None)
+    let t0 = Instant::now();
+    let criu = CheckpointOpts {
+        image_path: image.to_path_buf(),
+        work_path: work.to_path_buf(),
+        parent_path: None,
+        leave_running: !opts.exit,
+        tcp_established: opts.open_tcp,
+        ext_unix_sk: opts.external_unix_sockets,
+        shell_job: opts.terminal,
+        file_locks: opts.file_locks,
+        empty_ns: opts.empty_namespaces.clone(),
+        manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+    };
+    if let Err(e) = t.runc.checkpoint(t.id, &criu).await {
+        // runc and CRIU are gone (finished or killed): the guard thaws.
+        drop(guard);
+        return Err(criu_failure("dump", e, work, DUMP_LOG, t.bundle));
+    }
+    phases.dump_ms = ms(t0.elapsed());
+    // Thaw: live, the processes go on; with exit, the v1 freezer lets the killed ones die.
+    let t0 = Instant::now();
+    thaw(guard.take())?;
+    phases.thaw_ms = ms(t0.elapsed());
+    phases.total_ms = ms(started.elapsed());
+
+    metadata.phases = phases;
+    metadata.criu_version = criu_version(&work.join(DUMP_LOG));
+    metadata.images_bytes = dir_size(image);
+    metadata.complete = true;
+    info!("container {} checkpointed: {:?}", t.id, metadata.phases);
+    if let Err(e) = write_metadata(image, &metadata) {
+        // The record from before the dump stands; the images are whole.
+        warn!("container {}: final checkpoint record: {e}", t.id);
+    }
+    Ok(())
+}
+
+/// Written to a temp file and renamed: the record is whole or the old one.
+fn write_metadata(image: &Path, metadata: &Metadata) -> Result<()> {
+    let json = serde_json::to_vec_pretty(metadata).map_err(Error::json("encode metadata"))?;
+    let tmp = image.join(format!(".{METADATA}.tmp"));
+    fs::write(&tmp, json)
+        .and_then(|_| fs::rename(&tmp, image.join(METADATA)))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io("write checkpoint metadata")(e)
+        })
+}
+
+/// Where a checkpoint is written before it is moved into its target.
+struct Staging {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Staging {
+    /// Beside the target on the same file system when it can be (a caller
+    /// that removes the target leaves it alone; entries move in by rename),
+    /// else inside the target (a mount point of its own).
+    fn new(target: &Path) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| fs::metadata(p).map(|m| m.dev()).ok();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(dir) = tempfile::Builder::new()
+                .prefix(&format!(".{name}.staging-"))
+                .tempdir_in(parent)
+            {
+                let dir = dir.keep();
+                if dev(&dir).is_some() && dev(&dir) == dev(target) {
+                    return Ok(Self { dir, keep: false });
+                }
+                let _ = fs::remove_dir(&dir);
             }
-            Err(why) => (None, Some(why)),
-        };
-        phases.diff_ms = ms(t.elapsed());
-        if !opts.exit {
-            let t = Instant::now();
-            thaw(guard.take())?;
-            phases.thaw_ms = ms(t.elapsed());
         }
-        phases.total_ms = ms(started.elapsed());
-        let diff = diff.unwrap_or_default();
-        let metadata = Metadata {
-            dump_flags: DumpFlags {
-                tcp_established: opts.open_tcp,
-                ext_unix_sk: opts.external_unix_sockets,
-                shell_job: opts.terminal,
-                file_locks: opts.file_locks,
-            },
-            shim_version: env!("CARGO_PKG_VERSION"),
-            criu_version: criu_version(&work.join(DUMP_LOG)),
-            container_id: self.id.clone(),
-            leave_running: !opts.exit,
-            frozen_by_shim: freeze,
-            rootfs_diff_skipped: skipped,
-            rootfs_diff_bytes: diff.bytes,
-            rootfs_diff_entries: diff.entries,
-            deleted_files: diff.deleted,
-            images_bytes: dir_size(image),
-            phases,
+        let dir = tempfile::Builder::new()
+            .prefix(".custom-shim-staging-")
+            .tempdir_in(target)
+            .map_err(Error::io(format!(
+                "create staging dir in {}",
+                target.display()
+            )))?
+            .keep();
+        Ok(Self { dir, keep: false })
+    }
+
+    /// Moves every entry into `target`; on failure, what was moved is taken back.
+    fn commit(self, target: &Path) -> std::result::Result<(), (Error, Staging)> {
+        let names: Vec<_> = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd.flatten().map(|e| e.file_name()).collect(),
+            Err(e) => return Err((Error::io("read staging dir")(e), self)),
         };
-        info!("container {} checkpointed: {:?}", self.id, metadata.phases);
-        let json = serde_json::to_vec_pretty(&metadata).map_err(Error::json("encode metadata"))?;
-        fs::write(image.join(METADATA), json).map_err(Error::io("write checkpoint metadata"))?;
+        for (i, name) in names.iter().enumerate() {
+            if let Err(e) = fs::rename(self.dir.join(name), target.join(name)) {
+                for back in &names[..i] {
+                    let _ = fs::rename(target.join(back), self.dir.join(back));
+                }
+                let e = Error::io(format!("move {:?} into {}", name, target.display()))(e);
+                return Err((e, self));
+            }
+        }
         Ok(())
     }
 
-    fn freeze_disabled(&self) -> bool {
-        let Ok(bytes) = fs::read(self.bundle.join("config.json")) else {
-            return false;
-        };
-        let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            return false;
-        };
-        spec["annotations"][NO_FREEZE_ANNOTATION].as_str() == Some("true")
+    fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.dir.clone()
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = fs::remove_dir_all(&self.dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!("remove staging dir {}: {e}", self.dir.display());
+                }
+            }
+        }
     }
 }
 
 /// CRIU's error, with its first meaningful log line and a copy of the log
 /// kept in the bundle (the work dir may be gone by the time anyone looks).
+/// A runc that ran past its time stays DeadlineExceeded, with the log named.
 fn criu_failure(
     action: &'static str,
     e: Error,
@@ -242,6 +379,22 @@ fn criu_failure(
     let kept = bundle.join(format!("criu-{log_name}"));
     if fs::copy(&log, &kept).is_err() {
         return e;
+    }
+    if let Error::DeadlineExceeded(m) = e {
+        let last = fs::read_to_string(&kept)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        return Error::DeadlineExceeded(format!(
+            "{m}; CRIU's log is kept at {} (its last line: {})",
+            kept.display(),
+            last.trim()
+        ));
     }
     let message = first_criu_error(&kept).unwrap_or_else(|| e.to_string());
     // runc names the log in the work dir: name the kept copy instead.
@@ -303,100 +456,113 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn entry_names(dir: &Path) -> std::collections::HashSet<std::ffi::OsString> {
-    fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default()
-}
-
-fn remove_new_entries(dir: &Path, keep: &std::collections::HashSet<std::ffi::OsString>) {
-    for name in entry_names(dir).difference(keep) {
-        let p = dir.join(name);
-        let removed = match fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
-            _ => fs::remove_file(&p),
-        };
-        if let Err(e) = removed {
-            warn!("remove partial checkpoint file {}: {e}", p.display());
-        }
-    }
-}
-
-/// A checkpoint a container was created from, restored at Start.
+/// A checkpoint a container was created from, restored at Start. The images
+/// are read where the caller put them: never copied, never moved.
 pub struct RestoreSource {
-    image: PathBuf,
+    /// The checkpoint directory as the caller handed it.
+    origin: PathBuf,
+    /// What runc reads: `origin`, or a directory of links to its images plus
+    /// CRIU's `parent` link (runc restore takes no parent path).
+    images: PathBuf,
+    linked: bool,
     flags: DumpFlags,
     work: PathBuf,
+    own_work: bool,
 }
 
 impl RestoreSource {
-    /// Keeps the images in the bundle (they must outlive Create until Start)
-    /// and applies the rootfs diff: files first, memory at Start.
-    pub fn prepare(checkpoint: &Path, parent: Option<PathBuf>, c: &Container) -> Result<Self> {
-        let image = c.bundle.join("checkpoint");
-        if image.exists() {
-            fs::remove_dir_all(&image).map_err(Error::io("clear old checkpoint copy"))?;
-        }
-        copy_images(checkpoint, &image)?;
-        // containerd 2.x unpacks the checkpoint blob into a `ctrd-checkpoint*` temp
-        // dir and never removes it; with the images ours now, it is not needed.
-        if checkpoint
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("ctrd-checkpoint"))
-        {
-            if let Err(e) = fs::remove_dir_all(checkpoint) {
-                warn!("remove {}: {e}", checkpoint.display());
+    /// Applies the rootfs diff of `checkpoint` to the container's rootfs
+    /// (files first, memory at Start) and gets the images ready for runc.
+    pub async fn prepare(
+        checkpoint: &Path,
+        parent: Option<PathBuf>,
+        t: &Target<'_>,
+        work_path: &str,
+    ) -> Result<Self> {
+        match fs::metadata(checkpoint) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint {} is not a directory",
+                    checkpoint.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint {}: {e}",
+                    checkpoint.display()
+                )))
             }
         }
-        // runc restore takes no parent path: CRIU follows a `parent` link among the images.
-        if let Some(parent) = &parent {
-            let kept = c.bundle.join("checkpoint-parent");
-            if kept.exists() {
-                fs::remove_dir_all(&kept).map_err(Error::io("clear old parent checkpoint"))?;
+        let (images, linked) = match &parent {
+            None => (checkpoint.to_path_buf(), false),
+            Some(parent) => (link_images(checkpoint, parent, t.bundle)?, true),
+        };
+        let unlink = |images: &Path| {
+            if linked {
+                let _ = fs::remove_dir_all(images);
             }
-            copy_images(parent, &kept)?;
-            std::os::unix::fs::symlink("../checkpoint-parent", image.join("parent"))
-                .map_err(Error::io("link parent checkpoint"))?;
-        }
-        let t = Instant::now();
-        let stats = rootfs_diff::apply(&image, &c.rootfs)?;
-        let apply_ms = ms(t.elapsed());
+        };
+        let started = Instant::now();
+        let (dir, rootfs) = (checkpoint.to_path_buf(), t.rootfs.to_path_buf());
+        let applied = tokio::task::spawn_blocking(move || rootfs_diff::apply(&dir, &rootfs))
+            .await
+            .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
+            .and_then(|r| r);
+        let stats = match applied {
+            Ok(stats) => stats,
+            Err(e) => {
+                unlink(&images);
+                return Err(e);
+            }
+        };
+        let apply_ms = ms(started.elapsed());
         let record = serde_json::json!({
             "apply_ms": apply_ms,
             "rootfs_diff_bytes": stats.bytes,
             "rootfs_diff_entries": stats.entries,
             "deleted_files": stats.deleted,
         });
-        if let Err(e) = fs::write(c.bundle.join(RESTORE_RECORD), record.to_string()) {
-            warn!("container {}: write {RESTORE_RECORD}: {e}", c.id);
+        if let Err(e) = fs::write(t.bundle.join(RESTORE_RECORD), record.to_string()) {
+            warn!("container {}: write {RESTORE_RECORD}: {e}", t.id);
         }
         info!(
             "container {}: rootfs diff applied in {:.1} ms ({} entries, {} bytes, {} deleted)",
-            c.id, apply_ms, stats.entries, stats.bytes, stats.deleted
+            t.id, apply_ms, stats.entries, stats.bytes, stats.deleted
         );
-        let work = if c.options.criu_work_path.is_empty() {
-            c.bundle.join("criu-restore")
+        let own_work = work_path.is_empty();
+        let work = if own_work {
+            t.bundle.join("criu-restore")
         } else {
-            PathBuf::from(&c.options.criu_work_path)
+            PathBuf::from(work_path)
         };
-        fs::create_dir_all(&work).map_err(Error::io(format!("create {}", work.display())))?;
+        if let Err(e) = fs::create_dir_all(&work) {
+            unlink(&images);
+            return Err(Error::io(format!("create {}", work.display()))(e));
+        }
         // Our own checkpoints say how they were dumped; the Go shim's say nothing.
         #[derive(Deserialize)]
         struct Saved {
             dump_flags: DumpFlags,
         }
-        let flags = fs::read(image.join(METADATA))
+        let flags = fs::read(checkpoint.join(METADATA))
             .ok()
             .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
             .map(|s| s.dump_flags)
             .unwrap_or_default();
-        Ok(Self { image, flags, work })
+        Ok(Self {
+            origin: checkpoint.to_path_buf(),
+            images,
+            linked,
+            flags,
+            work,
+            own_work,
+        })
     }
 
     pub fn criu_opts(&self) -> CheckpointOpts {
         CheckpointOpts {
-            image_path: self.image.clone(),
+            image_path: self.images.clone(),
             work_path: self.work.clone(),
             parent_path: None,
             leave_running: false,
@@ -412,26 +578,75 @@ impl RestoreSource {
     pub fn explain_failure(&self, e: Error, bundle: &Path) -> Error {
         criu_failure("restore", e, &self.work, RESTORE_LOG, bundle)
     }
-}
 
-/// Moves (or copies, across file systems) the flat image files of a checkpoint.
-fn copy_images(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to).map_err(Error::io(format!("create {}", to.display())))?;
-    let entries =
-        fs::read_dir(from).map_err(Error::io(format!("read checkpoint {}", from.display())))?;
-    for e in entries {
-        let e = e.map_err(Error::io("read checkpoint"))?;
-        let ft = e.file_type().map_err(Error::io("read checkpoint"))?;
-        if !ft.is_file() {
-            // CRIU images are flat files; anything else is not ours to carry.
-            continue;
+    /// After a successful restore nothing of the checkpoint stays with the
+    /// container: the links and work dir the shim made go, and so does
+    /// containerd's own unpacked copy (`ctrd-checkpoint*`, which containerd
+    /// 2.x never removes). Any other directory is the caller's, left as it is.
+    pub fn finish(self) {
+        self.discard();
+    }
+
+    /// The restore will not happen (the container goes first): the same
+    /// clean-up; a caller that tries again hands over a new checkpoint dir.
+    pub fn discard(self) {
+        if self.linked {
+            let _ = fs::remove_dir_all(&self.images);
         }
-        let dst = to.join(e.file_name());
-        if fs::hard_link(e.path(), &dst).is_err() {
-            fs::copy(e.path(), &dst).map_err(Error::io(format!("copy {}", e.path().display())))?;
+        if self.own_work {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+        let containerd_temp = self
+            .origin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
+        if containerd_temp {
+            if let Err(e) = fs::remove_dir_all(&self.origin) {
+                warn!("remove {}: {e}", self.origin.display());
+            }
         }
     }
-    Ok(())
+}
+
+/// A directory in the bundle with a link to each image of `checkpoint` and
+/// CRIU's `parent` link to `parent`: no image is copied.
+fn link_images(checkpoint: &Path, parent: &Path, bundle: &Path) -> Result<PathBuf> {
+    let dir = bundle.join("checkpoint-images");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(Error::io(format!("clear {}", dir.display())))?;
+    }
+    fs::create_dir(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let linked = (|| {
+        let entries = fs::read_dir(checkpoint).map_err(Error::io(format!(
+            "read checkpoint {}",
+            checkpoint.display()
+        )))?;
+        for e in entries {
+            let e = e.map_err(Error::io("read checkpoint"))?;
+            let ft = e.file_type().map_err(Error::io("read checkpoint"))?;
+            // CRIU images are flat files; anything else is not CRIU's.
+            if !ft.is_file() {
+                continue;
+            }
+            let dst = dir.join(e.file_name());
+            if fs::hard_link(e.path(), &dst).is_err() {
+                std::os::unix::fs::symlink(e.path(), &dst)
+                    .map_err(Error::io(format!("link {}", e.path().display())))?;
+            }
+        }
+        let parent = fs::canonicalize(parent)
+            .map_err(Error::io(format!("parent checkpoint {}", parent.display())))?;
+        std::os::unix::fs::symlink(parent, dir.join("parent"))
+            .map_err(Error::io("link parent checkpoint"))
+    })();
+    match linked {
+        Ok(()) => Ok(dir),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use crate::{
     error::{Error, Result},
     io::{self, remove_quietly},
     options::RuntimeOptions,
+    owned,
     runtime::runc::{CreateOpts, RestoreOpts, Runc},
 };
 
@@ -60,7 +61,8 @@ impl Container {
             options.systemd_cgroup,
             bundle.join("log.json"),
             shared.reaper.clone(),
-        );
+        )
+        .with_criu_timeout(options.criu_timeout());
         let container = Arc::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
@@ -77,8 +79,7 @@ impl Container {
         });
         let created = match checkpoint {
             // Files first: the rootfs diff is applied now, memory comes back at Start.
-            Some(image) => RestoreSource::prepare(&image, parent_checkpoint, &container)
-                .map(|source| *super::lock(&container.restore) = Some(source)),
+            Some(image) => container.prepare_restore(image, parent_checkpoint).await,
             None => container.runc_create().await,
         };
         if let Err(e) = created {
@@ -123,8 +124,31 @@ impl Container {
         Ok(())
     }
 
+    /// Takes back a container that was created but that nobody will track
+    /// (its Create's caller gave up): nothing of it is left.
+    pub async fn abandon(&self) {
+        let _op = self.ops.lock().await;
+        if self.init.pid() != 0 {
+            let _ = self.runc.delete(&self.id, true).await;
+        }
+        if let Some(io) = self.init.io() {
+            io.tasks.shutdown().await;
+        }
+        if let Some(source) = super::lock(&self.restore).take() {
+            source.discard();
+        }
+        self.cleanup_rootfs();
+    }
+
     /// Starts the init: `runc start`, or `runc restore` for a checkpoint.
+    /// Owned: once begun it runs to its end whatever the caller does, and a
+    /// started (or restored) container is tracked even if no one hears it.
     pub async fn start(self: &Arc<Self>) -> Result<i32> {
+        let this = self.clone();
+        owned::run(move |_caller| async move { this.start_owned().await }).await
+    }
+
+    async fn start_owned(self: &Arc<Self>) -> Result<i32> {
         let _op = self.ops.lock().await;
         let _gate = self.init.start_gate.lock().await;
         self.init.require(&[Status::Created], "start")?;
@@ -166,9 +190,19 @@ impl Container {
                 return Err(e);
             }
         };
-        let pid = read_pid_file(&pid_file).await?;
+        let pid = match read_pid_file(&pid_file).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                io.tasks.abort().await;
+                let _ = self.runc.delete(&self.id, true).await;
+                *super::lock(&self.restore) = Some(source);
+                return Err(e);
+            }
+        };
         self.init.set_started(pid, io);
         self.watch_exit(self.init.clone(), pid, started);
+        // Restored: the images are not kept for the container's life.
+        source.finish();
         info!("container {} restored as pid {pid}", self.id);
         Ok(pid)
     }
@@ -314,6 +348,9 @@ impl Container {
         }
         if let Some(io) = self.init.io() {
             io.tasks.shutdown().await;
+        }
+        if let Some(source) = super::lock(&self.restore).take() {
+            source.discard();
         }
         self.cleanup_rootfs();
         Ok(())

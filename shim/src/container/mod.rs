@@ -1,5 +1,6 @@
 //! One container: its init, its execs, and what happens when they exit.
 
+mod checkpoint;
 mod exec;
 pub mod lifecycle;
 pub mod process;
@@ -12,8 +13,8 @@ use std::{
 };
 
 use containerd_shim::util::convert_to_timestamp;
-use containerd_shim_protos::events::task::{TaskExecStarted, TaskExit, TaskStart};
-use log::info;
+use containerd_shim_protos::events::task::{TaskExecStarted, TaskExit, TaskOOM, TaskStart};
+use log::{debug, info, warn};
 
 pub use self::process::{Process, Status};
 use crate::{
@@ -33,23 +34,27 @@ pub struct Shared {
     pub reaper: Reaper,
 }
 
+/// One container. Its state and locks are its own: the service and the
+/// checkpoint code reach it through methods (checkpoint and restore through
+/// [`crate::checkpoint::Target`], built in `checkpoint.rs` beside this file).
 pub struct Container {
-    pub id: String,
-    pub bundle: PathBuf,
-    pub rootfs: PathBuf,
+    id: String,
+    bundle: PathBuf,
+    rootfs: PathBuf,
     /// Whether the shim mounted `rootfs` itself (from the request's mounts).
-    pub rootfs_mounted: bool,
-    pub options: RuntimeOptions,
-    pub runc: Runc,
-    pub init: Arc<Process>,
-    pub shared: Shared,
+    rootfs_mounted: bool,
+    options: RuntimeOptions,
+    runc: Runc,
+    init: Arc<Process>,
+    shared: Shared,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// The init's exit, held back until every running exec's exit is out.
     deferred_init_exit: Mutex<Option<ExitStatus>>,
-    /// Serializes the operations that drive runc for this container.
-    pub ops: tokio::sync::Mutex<()>,
+    /// Serializes the operations that drive runc for this container. Held
+    /// by owned operations (see [`crate::owned`]), never by a request future.
+    ops: tokio::sync::Mutex<()>,
     /// Set when the container was created from a checkpoint: Start restores.
-    pub restore: Mutex<Option<RestoreSource>>,
+    restore: Mutex<Option<RestoreSource>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,6 +62,51 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Container {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn bundle(&self) -> &std::path::Path {
+        &self.bundle
+    }
+
+    pub fn init(&self) -> &Arc<Process> {
+        &self.init
+    }
+
+    /// Publishes an OOM event whenever the container's memory cgroup says so
+    /// (its cgroup from runc's state; the init's if the state names none).
+    pub fn watch_oom(&self) {
+        let publisher = self.shared.publisher.clone();
+        let id = self.id.clone();
+        let on_oom = move || {
+            info!("container {id}: OOM");
+            publisher.publish(TaskOOM {
+                container_id: id.clone(),
+                ..Default::default()
+            });
+        };
+        let pid = self.init.pid();
+        let (memory_v1, v2) = match crate::cgroup::of_container(&self.runc.root, &self.id) {
+            Ok(cg) => (cg.memory_v1, cg.v2),
+            Err(_) => (
+                crate::cgroup::v1_memory_of(pid),
+                crate::cgroup::v2_dir_of(pid),
+            ),
+        };
+        let watched = if let Some(memory) = memory_v1 {
+            crate::cgroup::oom::watch_v1(memory, on_oom)
+        } else if let Some(dir) = v2.filter(|d| d.join("memory.events").exists()) {
+            crate::cgroup::oom::watch_v2(dir, on_oom)
+        } else {
+            debug!("container {}: no memory cgroup to watch for OOM", self.id);
+            return;
+        };
+        if let Err(e) = watched {
+            warn!("container {}: OOM events unavailable: {e}", self.id);
+        }
+    }
+
     pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
         if exec_id.is_empty() {
             return Ok(self.init.clone());

@@ -8,10 +8,10 @@ use std::{
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use log::debug;
+use log::{debug, warn};
 use serde::Deserialize;
 
 use crate::{
@@ -34,6 +34,8 @@ pub struct Runc {
     pub systemd_cgroup: bool,
     /// runc's JSON log for this container, read back for error messages.
     pub log: PathBuf,
+    /// The bound on one `runc checkpoint` / `runc restore`, CRIU included.
+    pub criu_timeout: Duration,
     reaper: Reaper,
 }
 
@@ -84,8 +86,14 @@ impl Runc {
             root: root.into(),
             systemd_cgroup,
             log: log.into(),
+            criu_timeout: crate::options::DEFAULT_CRIU_TIMEOUT,
             reaper,
         }
+    }
+
+    pub fn with_criu_timeout(mut self, limit: Duration) -> Self {
+        self.criu_timeout = limit;
+        self
     }
 
     fn global_args(&self) -> Vec<String> {
@@ -222,7 +230,9 @@ impl Runc {
             args.push("--leave-running".into());
         }
         args.push(id.into());
-        self.run(args, None).await.map(drop)
+        self.run_bounded(args, None, Some(self.criu_timeout))
+            .await
+            .map(drop)
     }
 
     pub async fn restore(
@@ -248,12 +258,28 @@ impl Runc {
             args.push("--no-pivot".into());
         }
         args.push(id.into());
-        self.run(args, Some(stdio)).await.map(drop)
+        self.run_bounded(args, Some(stdio), Some(self.criu_timeout))
+            .await
+            .map(drop)
+    }
+
+    async fn run(&self, args: Vec<String>, stdio: Option<ProcStdio>) -> Result<Output> {
+        self.run_bounded(args, stdio, None).await
     }
 
     /// Runs runc with `args`. With `stdio` the child's stdio is the
     /// container's (runc's errors then reach us only through its log).
-    async fn run(&self, args: Vec<String>, stdio: Option<ProcStdio>) -> Result<Output> {
+    ///
+    /// runc leads a process group of its own, which the CRIU it starts joins:
+    /// past `limit` the whole group is killed and waited for, and the error is
+    /// DeadlineExceeded. The future is not meant to be dropped half-way (the
+    /// operations that run runc own their outcome); if it is, runc runs on.
+    async fn run_bounded(
+        &self,
+        args: Vec<String>,
+        stdio: Option<ProcStdio>,
+        limit: Option<Duration>,
+    ) -> Result<Output> {
         let command = args.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global_args()).args(&args);
@@ -272,12 +298,20 @@ impl Runc {
         }
         // runc (and the CRIU it runs) must not outlive a killed shim: a checkpoint
         // left running would go on dumping a container containerd is deleting.
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // A shim that died between fork and prctl is caught by the parent check
+        // (the child was reparented already, so the death signal never comes).
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+        // between fork and exec.
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
+            cmd.process_group(0);
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
                 }
                 Ok(())
             });
@@ -293,19 +327,43 @@ impl Runc {
         // so that only the container keeps them.
         drop(cmd);
         let pid = child.id() as i32;
-        let exit = self.reaper.claim(pid, started);
-        let (stdout, stderr) = if capture {
-            let out = child.stdout.take();
-            let err = child.stderr.take();
-            tokio::task::spawn_blocking(move || (read_all(out), read_all(err)))
+        let mut exit = self.reaper.claim(pid, started);
+        let out = child.stdout.take();
+        let err = child.stderr.take();
+        let finished = async {
+            let (stdout, stderr) = if capture {
+                tokio::task::spawn_blocking(move || (read_all(out), read_all(err)))
+                    .await
+                    .map_err(|e| Error::Internal(format!("runc output reader: {e}")))?
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let status = (&mut exit)
                 .await
-                .map_err(|e| Error::Internal(format!("runc output reader: {e}")))?
-        } else {
-            (Vec::new(), Vec::new())
+                .map_err(|_| Error::Internal(format!("exit of runc {command} was lost")))?;
+            Ok::<_, Error>((stdout, stderr, status))
         };
-        let status = exit
-            .await
-            .map_err(|_| Error::Internal(format!("exit of runc {command} was lost")))?;
+        let outcome = match limit {
+            None => finished.await,
+            Some(limit) => match tokio::time::timeout(limit, finished).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // runc and its CRIU: the whole group, then wait for runc's exit
+                    // so that nothing of it is left when the caller puts things back.
+                    warn!("runc {command} ran past {limit:?}: killing its process group {pid}");
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = exit.await;
+                    return Err(Error::DeadlineExceeded(format!(
+                        "runc {command} did not finish within {limit:?} (the runtime option \
+                         CriuTimeout sets this bound); it was killed with its CRIU"
+                    )));
+                }
+            },
+        };
+        let (stdout, stderr, status) = outcome?;
         if status.code != 0 {
             let message = last_log_error(&self.log, log_offset)
                 .or_else(|| last_line(&stderr))

@@ -17,11 +17,13 @@ pub use apply::apply;
 pub use capture::capture;
 
 /// What a capture wrote.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct DiffStats {
     pub entries: u64,
     pub bytes: u64,
     pub deleted: u64,
+    /// Paths left out of the capture, each with why (a socket, a device node).
+    pub skipped: Vec<String>,
 }
 
 /// The upperdir and lowerdirs of the overlay mounted at `rootfs`.

@@ -1,0 +1,292 @@
+//! Callers that give up. The kubelet puts a deadline on every CRI call; containerd passes it on
+//! to the shim, and ttrpc drops the request when it passes. A checkpoint, a restore's Create and
+//! a restore's Start own their outcome: whatever moment the deadline hits, the container ends up
+//! running and thawed (or restored and tracked), nothing partial stays in the bundle or in
+//! containerd's temp dir, no runc or CRIU is left, and the next operation works.
+//!
+//! The moments are chosen from the phase timings of a first, unhurried checkpoint of the same
+//! container (the shim's record in the checkpoint): before the freeze, during the rootfs diff,
+//! during the CRIU dump. Only the custom shim applies; the bound on runc and CRIU themselves
+//! (`CriuTimeout`) is tested with a runc that never gets going.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use containerd_client::tonic::Code;
+use integration::checkpoint::{tar_member, SHIM_METADATA};
+use integration::faults::{
+    count, descendants_with_cmdline, entries_starting_with, freezer_state, list_dir,
+    remove_container, run_with, runtime_dir, shim_pid, wait_count_advances, Api, CheckpointOptions,
+    Daemon, COUNTER,
+};
+use integration::{poll, run_scenario, Containerd, Runtime, STATE_TIMEOUT};
+
+const T: Duration = Duration::from_secs(60);
+
+/// 256 MiB held in memory (the dump takes a while), 256 MiB written to the rootfs (so does the
+/// diff), and the counter.
+fn heavy_script() -> String {
+    let bytes = 256u64 << 20;
+    format!(
+        "head -c {bytes} /dev/zero > /ballast; \
+         (head -c {bytes} /dev/zero; sleep 100000) | tail -c {bytes} > /dev/null & {COUNTER}"
+    )
+}
+
+/// The task is RUNNING, its cgroup THAWED, its counter moving.
+fn assert_running_and_thawed(cd: &Containerd, id: &str, pid: u32, what: &str) {
+    poll(format!("{what}: {id} RUNNING and THAWED"), T, || {
+        let running = cd.task(id).map(|t| t.status) == Some("RUNNING".to_string());
+        (running && freezer_state(cd, id).as_deref() == Some("THAWED")).then_some(())
+    });
+    wait_count_advances(pid, what);
+}
+
+/// No runc or CRIU left under the shim, no CRIU work dir or image links in the bundle, nothing of
+/// a checkpoint in containerd's temp dir (its own `ctrd-checkpoint*` or a staging dir beside it).
+fn assert_settled(cd: &Containerd, id: &str, shim: i32, what: &str) {
+    poll(
+        format!("{what}: runc and CRIU under shim {shim} gone"),
+        T,
+        || {
+            (descendants_with_cmdline(shim, "runc").is_empty()
+                && descendants_with_cmdline(shim, "criu").is_empty())
+            .then_some(())
+        },
+    );
+    let bundle = cd.bundle_dir(id);
+    let mut left = Vec::new();
+    let settled = integration::poll_until(T, || {
+        left = [
+            "criu-work-",
+            "checkpoint-images",
+            "criu-restore",
+            ".custom-shim-staging",
+        ]
+        .iter()
+        .flat_map(|p| entries_starting_with(&bundle, p))
+        .map(|p| p.display().to_string())
+        .collect();
+        left.extend(
+            list_dir(&runtime_dir(cd))
+                .into_iter()
+                .filter(|n| n.contains("ctrd-checkpoint")),
+        );
+        left.is_empty().then_some(())
+    });
+    assert!(settled.is_some(), "{what}: left behind: {left:?}");
+}
+
+/// The phase timings of a checkpoint blob, from the shim's record in it.
+fn phases(api: &Api, desc: &containerd_client::types::Descriptor) -> serde_json::Value {
+    let blob = api.blob_path(desc);
+    let meta = tar_member(&blob, SHIM_METADATA).expect("the shim's record in the checkpoint");
+    let meta: serde_json::Value = serde_json::from_slice(&meta).expect("record is JSON");
+    assert_eq!(meta["complete"], serde_json::json!(true), "{meta:#}");
+    meta["phases"].clone()
+}
+
+fn ms(v: &serde_json::Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+#[test]
+fn checkpoint_deadline_at_every_moment_custom() {
+    run_scenario(Runtime::Custom, |rt, cd| {
+        let mut daemon = Daemon::new(cd);
+        daemon.restart_with_private_runtime_dir();
+        let id = "late";
+        let pid = run_with(cd, rt, id, &[], &["sh", "-c", &heavy_script()]);
+        poll("the ballast written", T, || {
+            fs::metadata(format!("/proc/{pid}/root/ballast"))
+                .ok()
+                .filter(|m| m.len() == 256 << 20)
+                .map(drop)
+        });
+        wait_count_advances(pid, "before");
+        let shim = shim_pid(cd, id);
+        let mut api = Api::connect(cd);
+        api.use_new_lease("deadlines");
+        let opts = Some(CheckpointOptions::default().to_any());
+
+        let first = api
+            .checkpoint_blob(id, &CheckpointOptions::default())
+            .unwrap_or_else(|e| panic!("an unhurried checkpoint: {e}"));
+        let p = phases(&api, &first);
+        eprintln!("phases of an unhurried checkpoint: {p}");
+        let diff_mid = ms(&p, "freeze_ms") + ms(&p, "diff_ms") / 2.0;
+        let dump_mid = ms(&p, "freeze_ms") + ms(&p, "diff_ms") + ms(&p, "dump_ms") / 2.0;
+        assert!(
+            ms(&p, "diff_ms") > 20.0 && ms(&p, "dump_ms") > 20.0,
+            "the diff and the dump must take long enough to be hit: {p}"
+        );
+
+        for (moment, deadline_ms) in [
+            ("before the freeze", 1.0),
+            ("during the rootfs diff", diff_mid),
+            ("during the CRIU dump", dump_mid),
+        ] {
+            let deadline = Duration::from_micros((deadline_ms * 1000.0) as u64);
+            api.set_timeout(Some(deadline));
+            let started = Instant::now();
+            let result = api.checkpoint(id, opts.clone());
+            api.set_timeout(None);
+            eprintln!(
+                "deadline {deadline:?} ({moment}): {:?} after {:?}",
+                result.as_ref().map(|_| "ok"),
+                started.elapsed()
+            );
+            let err = result.expect_err("a checkpoint cannot beat a deadline this short");
+            assert_eq!(err.code, Code::DeadlineExceeded, "{moment}: {err}");
+
+            assert_running_and_thawed(cd, id, pid, moment);
+            assert_settled(cd, id, shim, moment);
+            // The next checkpoint works and is whole.
+            let next = api
+                .checkpoint_blob(id, &CheckpointOptions::default())
+                .unwrap_or_else(|e| panic!("the checkpoint after a deadline {moment}: {e}"));
+            phases(&api, &next);
+            assert_running_and_thawed(cd, id, pid, &format!("after the checkpoint {moment}"));
+            assert_settled(cd, id, shim, &format!("after the checkpoint {moment}"));
+        }
+        remove_container(cd, id);
+    });
+}
+
+#[test]
+fn checkpoint_past_criu_timeout_is_killed_and_rolled_back_custom() {
+    run_scenario(Runtime::Custom, |rt, cd| {
+        // A runc that takes forever to checkpoint (the shim must kill it and what it started).
+        let runc = which("runc");
+        let wrapper = cd.dir().join("slow-runc");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\ncase \" $* \" in *\" checkpoint \"*) sleep 1000 ;; esac\nexec {} \"$@\"\n",
+                runc
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        let config = cd.dir().join("runtime.toml");
+        fs::write(
+            &config,
+            format!("BinaryName = \"{}\"\nCriuTimeout = 2\n", wrapper.display()),
+        )
+        .unwrap();
+        let id = "slowrunc";
+        let pid = run_with(
+            cd,
+            rt,
+            id,
+            &["--runtime-config-path", config.to_str().unwrap()],
+            &["sh", "-c", COUNTER],
+        );
+        wait_count_advances(pid, "before");
+        let shim = shim_pid(cd, id);
+        let api = Api::connect(cd);
+        let started = Instant::now();
+        let err = api
+            .checkpoint(id, Some(CheckpointOptions::default().to_any()))
+            .expect_err("a checkpoint whose runc never finishes must fail");
+        eprintln!("after {:?}: {err}", started.elapsed());
+        assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+        assert!(
+            err.message.contains("did not finish within") && err.message.contains("CriuTimeout"),
+            "the error should say runc ran out of time and what bounds it: {err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the bound is 2 s: the shim did not stop waiting"
+        );
+        assert!(
+            descendants_with_cmdline(shim, "sleep").is_empty(),
+            "runc's process group must be killed"
+        );
+        assert_running_and_thawed(cd, id, pid, "after the timeout");
+        assert_settled(cd, id, shim, "after the timeout");
+        remove_container(cd, id);
+    });
+}
+
+#[test]
+fn restore_whose_caller_gives_up_custom() {
+    run_scenario(Runtime::Custom, |rt, cd| {
+        let mut daemon = Daemon::new(cd);
+        daemon.restart_with_private_runtime_dir();
+        let pid = run_with(cd, rt, "src", &[], &["sh", "-c", &heavy_script()]);
+        poll("the ballast written", T, || {
+            fs::metadata(format!("/proc/{pid}/root/ballast"))
+                .ok()
+                .filter(|m| m.len() == 256 << 20)
+                .map(drop)
+        });
+        wait_count_advances(pid, "before");
+        let mut api = Api::connect(cd);
+        api.use_new_lease("restore-deadlines");
+        let desc = api
+            .checkpoint_blob("src", &CheckpointOptions::default())
+            .unwrap_or_else(|e| panic!("checkpoint: {e}"));
+        let at_checkpoint = count(pid).unwrap_or(0);
+
+        // Create gives up while the 256 MiB diff is being applied: nothing of it stays.
+        api.create_container_like("src", "r1", Runtime::Custom);
+        api.set_timeout(Some(Duration::from_millis(40)));
+        let err = api
+            .create_task("r1", Some(desc.clone()), None)
+            .expect_err("Create cannot apply 256 MiB in 40 ms");
+        api.set_timeout(None);
+        assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+        poll("the abandoned r1 task to be gone", T, || {
+            cd.task("r1").is_none().then_some(())
+        });
+        let mut left = Vec::new();
+        let clean = integration::poll_until(T, || {
+            left = cd.leftovers("r1");
+            left.retain(|l| !l.starts_with("container record"));
+            left.is_empty().then_some(())
+        });
+        assert!(clean.is_some(), "an abandoned Create left: {left:?}");
+        // The checkpoint is not lost: the same restore, unhurried, works.
+        api.create_task("r1", Some(desc.clone()), None)
+            .unwrap_or_else(|e| panic!("Create after an abandoned one: {e}"));
+        let r1 = api
+            .start("r1", "")
+            .unwrap_or_else(|e| panic!("Start after an abandoned Create: {e}"));
+        poll("r1 counts on from the checkpoint", T, || {
+            count(r1).filter(|c| *c > at_checkpoint).map(drop)
+        });
+
+        // Start gives up while CRIU restores 256 MiB: the container is restored and tracked.
+        api.create_container_like("src", "r2", Runtime::Custom);
+        api.create_task("r2", Some(desc.clone()), None)
+            .unwrap_or_else(|e| panic!("Create r2: {e}"));
+        api.set_timeout(Some(Duration::from_millis(40)));
+        let err = api
+            .start("r2", "")
+            .expect_err("CRIU cannot restore 256 MiB in 40 ms");
+        api.set_timeout(None);
+        assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+        let t = cd.wait_task_status("r2", "RUNNING", STATE_TIMEOUT);
+        poll("r2 counts on from the checkpoint", T, || {
+            count(t.pid).filter(|c| *c > at_checkpoint).map(drop)
+        });
+        let shim = shim_pid(cd, "r2");
+        assert_settled(cd, "r2", shim, "a restore whose Start gave up");
+
+        for id in ["r1", "r2", "src"] {
+            remove_container(cd, id);
+        }
+    });
+}
+
+fn which(program: &str) -> String {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| std::path::Path::new(d).join(program))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| panic!("{program} not on PATH"))
+}
