@@ -120,8 +120,26 @@ pub async fn dump(
     if target.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("checkpoint path is empty".into()));
     }
+    // A caller that gave up may have removed its target already: never make it anew then.
+    caller.check("the checkpoint")?;
+    let made_target = !target.exists();
     fs::create_dir_all(&target).map_err(Error::io(format!("create {}", target.display())))?;
-    let staging = Staging::new(&target)?;
+    let result = dump_into(t, &target, opts, status, caller).await;
+    if result.is_err() && made_target {
+        // Only if empty: what is in it is not ours.
+        let _ = fs::remove_dir(&target);
+    }
+    result
+}
+
+async fn dump_into(
+    t: &Target<'_>,
+    target: &Path,
+    opts: &CheckpointOptions,
+    status: Status,
+    caller: &Caller,
+) -> Result<()> {
+    let staging = Staging::new(target)?;
     // A work dir of our own (CRIU's logs); the log is kept in the bundle on failure.
     let own_work = opts.work_path.is_empty();
     let work = if own_work {
@@ -142,7 +160,7 @@ pub async fn dump(
     }
     result?;
     match caller.check("the checkpoint") {
-        Ok(()) => match staging.commit(&target) {
+        Ok(()) => match staging.commit(target) {
             Ok(()) => Ok(()),
             Err((e, staging)) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
             Err((e, _)) => Err(e),
