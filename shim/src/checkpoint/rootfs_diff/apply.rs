@@ -184,7 +184,10 @@ impl Root {
         e: io::Error,
     ) -> Result<Option<T>> {
         match e.raw_os_error() {
-            Some(libc::ENOTDIR) if missing == Missing::Absent => Ok(None),
+            // Not a directory, and no symlink on the way: nothing there to act on.
+            Some(libc::ENOTDIR) if missing == Missing::Absent && !self.has_symlink(at)? => {
+                Ok(None)
+            }
             Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => {
                 Err(Error::InvalidArgument(format!(
                     "checkpoint entry {} goes through {}, which is a symlink or not a directory: \
@@ -199,6 +202,28 @@ impl Root {
             ))),
             _ => Err(Error::io(format!("open {}", self.show(at)))(e)),
         }
+    }
+
+    /// Whether a component of `rel` is a symlink (a symlink opened with
+    /// O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR, as a file does).
+    fn has_symlink(&self, rel: &Path) -> Result<bool> {
+        let mut cur = self
+            .fd
+            .try_clone()
+            .map_err(Error::io("duplicate rootfs descriptor"))?;
+        for comp in rel.components() {
+            let name = fsat::cstring(comp.as_os_str()).map_err(|_| bad_name(rel))?;
+            match fsat::lstat_at(cur.as_fd(), &name) {
+                Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => return Ok(true),
+                Ok(Some(st)) if fsat::is_dir(&st) => {}
+                _ => return Ok(false),
+            }
+            cur = match fsat::open_dir(cur.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(_) => return Ok(false),
+            };
+        }
+        Ok(false)
     }
 
     fn show(&self, rel: &Path) -> String {
