@@ -1,21 +1,35 @@
 //! Apply: a checkpoint's file changes written into a fresh rootfs, refusing
 //! anything that would land outside it.
+//!
+//! The rootfs is opened once; every path from the checkpoint (tar entries,
+//! hard link targets, deleted.files, and the deferred directory metadata) is
+//! resolved beneath that descriptor with openat2 and RESOLVE_NO_SYMLINKS, and
+//! the last component is created, removed or changed with *at calls relative
+//! to its parent's descriptor. Nothing is ever done by plain path, so a
+//! symlink that one entry plants cannot redirect a later one.
 
 use std::{
-    ffi::OsStr,
-    fs::{self, File},
+    ffi::{CStr, CString, OsStr},
+    fs::File,
     io,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
     path::{Component, Path, PathBuf},
 };
 
 use tar::{EntryType, Header};
 
-use super::DiffStats;
+use super::{fsat, sparse, DiffStats};
 use crate::{
     checkpoint::layout::{DELETED_FILES, ROOTFS_DIFF},
     error::{Error, Result},
 };
+
+/// The prefix of an OCI whiteout: an entry `<dir>/.wh.<name>` removes `<dir>/<name>`.
+pub(super) const WHITEOUT: &[u8] = b".wh.";
+const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
 
 /// A path from a checkpoint, checked to stay inside the rootfs: plain names
 /// only, no `..`; a leading `/` only where `rooted` (deleted.files lists
@@ -42,81 +56,199 @@ pub fn safe_relative(name: &Path, rooted: bool) -> Result<PathBuf> {
             name
         )));
     }
+    if out.as_os_str().as_bytes().contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint entry {:?} has a NUL byte in its name",
+            name
+        )));
+    }
     Ok(out)
 }
 
-/// Makes sure every directory on the way to `rel` under `root` is a real
-/// directory (creating missing ones), never a symlink: nothing written
-/// through a path can land outside `root`.
-fn safe_parent(root: &Path, rel: &Path) -> Result<PathBuf> {
-    safe_parent_cached(root, rel, &mut Checked::default())
+/// The last component of a checked relative path, as a C string.
+fn last_name(rel: &Path) -> Result<CString> {
+    let name = rel.file_name().unwrap_or_default();
+    fsat::cstring(name).map_err(|_| bad_name(rel))
 }
 
-/// Directories under the rootfs already checked to be real directories, so
-/// that a diff of many files does not stat every parent of every entry.
-/// Cleared whenever an entry could replace a directory or add a symlink.
-#[derive(Default)]
-struct Checked(std::collections::HashSet<PathBuf>);
+fn bad_name(rel: &Path) -> Error {
+    Error::InvalidArgument(format!("checkpoint entry {} has a bad name", rel.display()))
+}
 
-fn safe_parent_cached(root: &Path, rel: &Path, checked: &mut Checked) -> Result<PathBuf> {
-    let Some(parent) = rel.parent() else {
-        return Ok(root.join(rel));
-    };
-    if checked.0.contains(parent) {
-        return Ok(root.join(rel));
-    }
-    let mut cur = root.to_path_buf();
-    let mut rel_cur = PathBuf::new();
-    for c in parent.components() {
-        cur.push(c);
-        rel_cur.push(c);
-        if checked.0.contains(&rel_cur) {
-            continue;
+/// The rootfs, opened once; everything is resolved beneath this descriptor.
+struct Root {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// What to do when a parent directory of an entry is missing.
+#[derive(Clone, Copy, PartialEq)]
+enum Missing {
+    /// Create it, one component at a time.
+    Create,
+    /// There is nothing there to act on (deletions, hard link targets).
+    Absent,
+}
+
+impl Root {
+    fn open(path: &Path) -> Result<Root> {
+        let c = fsat::cstring(path.as_os_str())
+            .map_err(|_| Error::Internal(format!("rootfs {} has a NUL", path.display())))?;
+        // SAFETY: plain open of the rootfs the caller names (trusted).
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::io(format!("open rootfs {}", path.display()))(
+                io::Error::last_os_error(),
+            ));
         }
-        match fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "checkpoint entry {} goes through {}, which is not a directory",
+        // SAFETY: the kernel just gave us this descriptor.
+        let fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+        Ok(Root {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The directory holding `rel`, resolved beneath the rootfs with no
+    /// symlink in any component. No cache: each entry resolves afresh, so a
+    /// component an earlier entry replaced is seen as it is now.
+    /// `None` when a component is missing (or not a directory) and `missing`
+    /// is `Absent`.
+    fn parent(&self, rel: &Path, missing: Missing) -> Result<Option<OwnedFd>> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        if parent.as_os_str().is_empty() {
+            return self
+                .fd
+                .try_clone()
+                .map(Some)
+                .map_err(Error::io("duplicate rootfs descriptor"));
+        }
+        let c = fsat::cstring(parent.as_os_str()).map_err(|_| bad_name(rel))?;
+        match fsat::open_beneath(self.fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return self.resolve_error(rel, parent, missing, e),
+        }
+        // Missing somewhere: walk (and create) one component at a time.
+        let mut cur = self
+            .fd
+            .try_clone()
+            .map_err(Error::io("duplicate rootfs descriptor"))?;
+        let mut so_far = PathBuf::new();
+        for comp in parent.components() {
+            so_far.push(comp);
+            let name = fsat::cstring(comp.as_os_str()).map_err(|_| bad_name(rel))?;
+            let next = match fsat::open_dir(cur.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    if missing == Missing::Absent {
+                        return Ok(None);
+                    }
+                    match fsat::mkdir_at(cur.as_fd(), &name, 0o755) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                        Err(e) => {
+                            return Err(Error::io(format!(
+                                "create directory {}",
+                                self.show(&so_far)
+                            ))(e))
+                        }
+                    }
+                    match fsat::open_dir(cur.as_fd(), &name) {
+                        Ok(fd) => fd,
+                        Err(e) => return self.resolve_error(rel, &so_far, missing, e),
+                    }
+                }
+                Err(e) => return self.resolve_error(rel, &so_far, missing, e),
+            };
+            cur = next;
+        }
+        Ok(Some(cur))
+    }
+
+    /// Why `at` (a parent of `rel`) could not be resolved, in words.
+    fn resolve_error<T>(
+        &self,
+        rel: &Path,
+        at: &Path,
+        missing: Missing,
+        e: io::Error,
+    ) -> Result<Option<T>> {
+        match e.raw_os_error() {
+            // Not a directory, and no symlink on the way: nothing there to act on.
+            Some(libc::ENOTDIR) if missing == Missing::Absent && !self.has_symlink(at)? => {
+                Ok(None)
+            }
+            Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => {
+                Err(Error::InvalidArgument(format!(
+                    "checkpoint entry {} goes through {}, which is a symlink or not a directory: \
+                     it could lead outside the rootfs",
                     rel.display(),
-                    cur.display()
+                    at.display()
                 )))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&cur).map_err(Error::io(format!("create {}", cur.display())))?;
-            }
-            Err(e) => return Err(Error::io(format!("stat {}", cur.display()))(e)),
+            Some(libc::ENAMETOOLONG) => Err(Error::InvalidArgument(format!(
+                "checkpoint entry {} has a path too long",
+                rel.display()
+            ))),
+            _ => Err(Error::io(format!("open {}", self.show(at)))(e)),
         }
-        checked.0.insert(rel_cur.clone());
     }
-    Ok(root.join(rel))
-}
 
-/// Removes whatever is at `path` (not following a symlink there).
-fn remove_any(path: &Path) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+    /// Whether a component of `rel` is a symlink (a symlink opened with
+    /// O_DIRECTORY|O_NOFOLLOW fails with ENOTDIR, as a file does).
+    fn has_symlink(&self, rel: &Path) -> Result<bool> {
+        let mut cur = self
+            .fd
+            .try_clone()
+            .map_err(Error::io("duplicate rootfs descriptor"))?;
+        for comp in rel.components() {
+            let name = fsat::cstring(comp.as_os_str()).map_err(|_| bad_name(rel))?;
+            match fsat::lstat_at(cur.as_fd(), &name) {
+                Ok(Some(st)) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => return Ok(true),
+                Ok(Some(st)) if fsat::is_dir(&st) => {}
+                _ => return Ok(false),
+            }
+            cur = match fsat::open_dir(cur.as_fd(), &name) {
+                Ok(fd) => fd,
+                Err(_) => return Ok(false),
+            };
+        }
+        Ok(false)
     }
-    .map_err(Error::io(format!("remove {}", path.display())))
+
+    fn show(&self, rel: &Path) -> String {
+        self.path.join(rel).display().to_string()
+    }
 }
 
 /// Applies a checkpoint's `deleted.files` then `rootfs-diff.tar` (either may
 /// be missing: a checkpoint of the Go shim has neither) to `rootfs`.
 pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
+    let root = Root::open(rootfs)?;
     let mut stats = DiffStats::default();
     let del_path = dir.join(DELETED_FILES);
-    if let Ok(bytes) = fs::read(&del_path) {
-        let list: Vec<String> = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::InvalidArgument(format!("{DELETED_FILES}: {e}")))?;
-        for name in list {
-            let rel = safe_relative(Path::new(&name), true)?;
-            let path = safe_parent(rootfs, &rel)?;
-            remove_any(&path)?;
-            stats.deleted += 1;
+    match std::fs::read(&del_path) {
+        Ok(bytes) => {
+            let list: Vec<String> = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::InvalidArgument(format!("{DELETED_FILES}: {e}")))?;
+            for name in list {
+                let rel = safe_relative(Path::new(&name), true)?;
+                remove(&root, &rel)?;
+                stats.deleted += 1;
+            }
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("read {}", del_path.display()))(e)),
     }
     let tar_path = dir.join(ROOTFS_DIFF);
     let file = match File::open(&tar_path) {
@@ -134,145 +266,254 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
     let entries = archive
         .entries_with_seek()
         .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
-    let mut dirs = Vec::new();
-    let mut checked = Checked::default();
+    // Directory metadata is set last (once their contents are in), by
+    // resolving each directory afresh.
+    let mut dirs: Vec<(PathBuf, Header, Xattrs)> = Vec::new();
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
-        let name = entry
-            .path()
-            .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?
-            .into_owned();
-        let rel = safe_relative(&name, false)?;
-        if !matches!(
-            entry.header().entry_type(),
-            EntryType::Regular | EntryType::Continuous | EntryType::Link
-        ) {
-            // This entry may replace a directory or add a symlink: check paths afresh.
-            checked.0.clear();
-        }
-        if checked.0.contains(&rel) {
-            // A directory that earlier entries went through is being replaced.
-            checked.0.clear();
-        }
-        let path = safe_parent_cached(rootfs, &rel, &mut checked)?;
+        let name = PathBuf::from(OsStr::from_bytes(&entry.path_bytes()));
         let header = entry.header().clone();
-        let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let kind = header.entry_type();
+        if kind == EntryType::XGlobalHeader {
+            // A pax global header describes the archive, not a file.
+            continue;
+        }
+        let rel = safe_relative(&name, false)?;
+        let base = rel.file_name().unwrap_or_default().as_bytes();
+        if let Some(target) = base.strip_prefix(WHITEOUT) {
+            whiteout(&root, &rel, target)?;
+            stats.deleted += 1;
+            continue;
+        }
+        if !matches!(
+            kind,
+            EntryType::Regular
+                | EntryType::Continuous
+                | EntryType::GNUSparse
+                | EntryType::Directory
+                | EntryType::Symlink
+                | EntryType::Link
+                | EntryType::Fifo
+        ) {
+            return Err(Error::InvalidArgument(format!(
+                "checkpoint entry {} is {}: only regular files, directories, symlinks, \
+                 hard links and fifos are restored",
+                rel.display(),
+                kind_in_words(kind)
+            )));
+        }
+        let xattrs = xattrs_of(&mut entry, &rel)?;
+        let parent = root
+            .parent(&rel, Missing::Create)?
+            .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?;
+        let pfd = parent.as_fd();
+        let cname = last_name(&rel)?;
+        let io_err = |what: &str| Error::io(format!("{what} {}", root.show(&rel)));
         match kind {
             EntryType::Directory => {
-                match fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_any(&path)?;
-                        fs::create_dir(&path).map_err(Error::io(format!("mkdir {}", path.display())))?;
+                match fsat::lstat_at(pfd, &cname).map_err(io_err("stat"))? {
+                    Some(st) if fsat::is_dir(&st) => {}
+                    other => {
+                        if other.is_some() {
+                            fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
+                        }
+                        fsat::mkdir_at(pfd, &cname, 0o755).map_err(io_err("mkdir"))?;
                     }
-                    Err(_) => fs::create_dir(&path).map_err(Error::io(format!("mkdir {}", path.display())))?,
                 }
-                // Permissions and times last, once the contents are in.
-                dirs.push((path.clone(), header.clone()));
+                dirs.push((rel, header, xattrs));
             }
-            EntryType::Regular | EntryType::Continuous => {
-                remove_any(&path)?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(Error::io(format!("create {}", path.display())))?;
-                let (offset, len) = (entry.raw_file_position(), entry.size());
-                copy_data(&data, offset, &mut f, len)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
-                            "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
-                            rel.display()
-                        )),
-                        _ => Error::io(format!("write {}", path.display()))(e),
-                    })?;
-                stats.bytes += len;
-            }
-            EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| Error::InvalidArgument(format!("symlink {} has no target", rel.display())))?
-                    .into_owned();
-                remove_any(&path)?;
-                std::os::unix::fs::symlink(&target, &path)
-                    .map_err(Error::io(format!("symlink {}", path.display())))?;
-            }
-            EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| Error::InvalidArgument(format!("hard link {} has no target", rel.display())))?
-                    .into_owned();
-                let target_rel = safe_relative(&target, false)?;
-                let target_path = safe_parent_cached(rootfs, &target_rel, &mut checked)?;
-                let tm = fs::symlink_metadata(&target_path).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "hard link {} points to {}, which is not in the rootfs",
-                        rel.display(),
-                        target.display()
-                    ))
-                })?;
-                if !tm.is_file() {
-                    return Err(Error::InvalidArgument(format!(
-                        "hard link {} must point to a regular file",
-                        rel.display()
-                    )));
-                }
-                remove_any(&path)?;
-                fs::hard_link(&target_path, &path)
-                    .map_err(Error::io(format!("link {}", path.display())))?;
-                stats.entries += 1;
-                continue;
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
+                let f = File::from(fsat::create_at(pfd, &cname).map_err(io_err("create"))?);
+                let bytes = if kind == EntryType::GNUSparse {
+                    write_sparse(&data, &entry, &f, &rel)?
+                } else {
+                    let (offset, len) = (entry.raw_file_position(), entry.size());
+                    copy_data(&data, offset, &f, 0, len)
+                        .map_err(|e| data_error(e, &rel, len, &root))?;
+                    len
+                };
+                stats.bytes += bytes;
+                finish_fd(f.as_fd(), &header, &xattrs, &rel)?;
             }
             EntryType::Fifo => {
-                remove_any(&path)?;
-                nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(mode))
-                    .map_err(Error::nix(format!("mkfifo {}", path.display())))?;
+                fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
+                fsat::mkfifo_at(pfd, &cname).map_err(io_err("mkfifo"))?;
+                let fd = fsat::open_nofollow(pfd, &cname).map_err(io_err("open"))?;
+                finish_fd(fd.as_fd(), &header, &xattrs, &rel)?;
             }
-            other => {
-                return Err(Error::InvalidArgument(format!(
-                    "checkpoint entry {} is a {:?}: only files, directories, links and fifos are restored",
-                    rel.display(),
-                    other
-                )))
+            EntryType::Symlink => {
+                let target = entry.link_name_bytes().ok_or_else(|| {
+                    Error::InvalidArgument(format!("symlink {} has no target", rel.display()))
+                })?;
+                let target = CString::new(target.into_owned()).map_err(|_| bad_name(&rel))?;
+                fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
+                fsat::symlink_at(&target, pfd, &cname).map_err(io_err("symlink"))?;
+                finish_symlink(pfd, &cname, &header, &xattrs, &rel)?;
             }
-        }
-        if kind != EntryType::Directory {
-            finish(&path, &header, kind)?;
-            apply_xattrs(&mut entry, &path)?;
-        } else {
-            apply_xattrs(&mut entry, &path)?;
+            EntryType::Link => {
+                hard_link(&root, &entry, &rel, pfd, &cname)?;
+            }
+            _ => unreachable!("entry types are checked above"),
         }
         stats.entries += 1;
     }
-    for (path, header) in dirs.into_iter().rev() {
-        finish(&path, &header, EntryType::Directory)?;
+    for (rel, header, xattrs) in dirs.into_iter().rev() {
+        let c = fsat::cstring(rel.as_os_str()).map_err(|_| bad_name(&rel))?;
+        let fd = match fsat::open_beneath(root.fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY) {
+            Ok(fd) => fd,
+            // Removed by a later whiteout: nothing left to set.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint entry {} was redirected by a later entry: \
+                     it or one of its parents is no longer a directory",
+                    rel.display()
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("open {}", root.show(&rel)))(e)),
+        };
+        finish_fd(fd.as_fd(), &header, &xattrs, &rel)?;
     }
     Ok(stats)
 }
 
-/// Copies `len` bytes at `offset` of the archive into `out`: with
-/// copy_file_range, so that the data never passes through user space, or
-/// with a large buffer where the file systems cannot do that.
-fn copy_data(archive: &File, offset: u64, out: &mut File, len: u64) -> io::Result<()> {
+/// The type of a refused entry, in words.
+fn kind_in_words(kind: EntryType) -> String {
+    match kind {
+        EntryType::Char => "a character device".into(),
+        EntryType::Block => "a block device".into(),
+        EntryType::XHeader => "a stray pax header".into(),
+        EntryType::GNULongName | EntryType::GNULongLink => "a stray GNU long name".into(),
+        other => format!("an entry of unknown type {:#04x}", other.as_byte()),
+    }
+}
+
+fn data_error(e: io::Error, rel: &Path, len: u64, root: &Root) -> Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
+            "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
+            rel.display()
+        )),
+        _ => Error::io(format!("write {}", root.show(rel)))(e),
+    }
+}
+
+/// Removes `rel` (a deleted.files entry), if it is there.
+fn remove(root: &Root, rel: &Path) -> Result<()> {
+    let Some(parent) = root.parent(rel, Missing::Absent)? else {
+        return Ok(());
+    };
+    let name = last_name(rel)?;
+    fsat::remove_at(parent.as_fd(), &name).map_err(Error::io(format!("remove {}", root.show(rel))))
+}
+
+/// An OCI whiteout `<dir>/.wh.<name>`: removes `<dir>/<name>`.
+fn whiteout(root: &Root, rel: &Path, target: &[u8]) -> Result<()> {
+    let base = rel.file_name().unwrap_or_default().as_bytes();
+    if base == OPAQUE_WHITEOUT {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint entry {} is an opaque-directory whiteout, which a checkpoint does not use",
+            rel.display()
+        )));
+    }
+    if target.is_empty() || target == b"." || target == b".." {
+        return Err(Error::InvalidArgument(format!(
+            "checkpoint entry {} is a whiteout of no file",
+            rel.display()
+        )));
+    }
+    let victim = rel.with_file_name(OsStr::from_bytes(target));
+    remove(root, &victim)
+}
+
+/// A hard link to a regular file already in the rootfs, both ends resolved
+/// beneath it.
+fn hard_link<R: io::Read>(
+    root: &Root,
+    entry: &tar::Entry<'_, R>,
+    rel: &Path,
+    pfd: BorrowedFd<'_>,
+    cname: &CStr,
+) -> Result<()> {
+    let target = entry.link_name_bytes().ok_or_else(|| {
+        Error::InvalidArgument(format!("hard link {} has no target", rel.display()))
+    })?;
+    let target = PathBuf::from(OsStr::from_bytes(&target));
+    let target_rel = safe_relative(&target, false)?;
+    let not_in_rootfs = || {
+        Error::InvalidArgument(format!(
+            "hard link {} points to {}, which is not a regular file in the rootfs",
+            rel.display(),
+            target.display()
+        ))
+    };
+    let tparent = root
+        .parent(&target_rel, Missing::Absent)?
+        .ok_or_else(not_in_rootfs)?;
+    let tname = last_name(&target_rel)?;
+    let tst = fsat::lstat_at(tparent.as_fd(), &tname)
+        .map_err(Error::io(format!("stat {}", root.show(&target_rel))))?
+        .ok_or_else(not_in_rootfs)?;
+    if !fsat::is_reg(&tst) {
+        return Err(not_in_rootfs());
+    }
+    if let Some(st) = fsat::lstat_at(pfd, cname)
+        .map_err(Error::io(format!("stat {}", root.show(rel))))?
+    {
+        if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) {
+            return Ok(());
+        }
+        fsat::remove_at(pfd, cname).map_err(Error::io(format!("remove {}", root.show(rel))))?;
+    }
+    fsat::link_at(tparent.as_fd(), &tname, pfd, cname)
+        .map_err(Error::io(format!("link {}", root.show(rel))))
+}
+
+/// Writes a GNU sparse entry's data segments at their offsets, then sets the
+/// length: the holes stay holes. Returns the data bytes written.
+fn write_sparse<R: io::Read>(
+    archive: &File,
+    entry: &tar::Entry<'_, R>,
+    out: &File,
+    rel: &Path,
+) -> Result<u64> {
+    let map = sparse::read_map(archive, entry.raw_header_position()).map_err(|e| {
+        Error::InvalidArgument(format!("{ROOTFS_DIFF}: sparse entry {}: {e}", rel.display()))
+    })?;
+    let mut at = map.data_start;
+    for seg in &map.segments {
+        copy_data(archive, at, out, seg.offset, seg.len).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
+                "{ROOTFS_DIFF}: sparse entry {} claims data the archive does not hold",
+                rel.display()
+            )),
+            _ => Error::io(format!("write {}", rel.display()))(e),
+        })?;
+        at += seg.len;
+    }
+    fsat::ftruncate(out.as_fd(), map.real_size)
+        .map_err(Error::io(format!("set length of {}", rel.display())))?;
+    Ok(map.data_len())
+}
+
+/// Copies `len` bytes at `offset` of the archive into `out` at `out_offset`:
+/// with copy_file_range, so that the data never passes through user space,
+/// or with a large buffer where the file systems cannot do that.
+fn copy_data(archive: &File, offset: u64, out: &File, out_offset: u64, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut off = offset as libc::loff_t;
+    let mut off_out = out_offset as libc::loff_t;
     let mut left = len;
     while left > 0 {
         let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open; `off` is a valid loff_t we own.
+        // SAFETY: both descriptors are open; the offsets are loff_ts we own.
         let n = unsafe {
             libc::copy_file_range(
                 archive.as_raw_fd(),
                 &mut off,
                 out.as_raw_fd(),
-                std::ptr::null_mut(),
+                &mut off_out,
                 chunk,
                 0,
             )
@@ -281,7 +522,7 @@ fn copy_data(archive: &File, offset: u64, out: &mut File, len: u64) -> io::Resul
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                    copy_buffered(archive, off as u64, out, left)
+                    copy_buffered(archive, off as u64, out, off_out as u64, left)
                 }
                 _ => Err(e),
             };
@@ -294,114 +535,111 @@ fn copy_data(archive: &File, offset: u64, out: &mut File, len: u64) -> io::Resul
     Ok(())
 }
 
-fn copy_buffered(archive: &File, mut offset: u64, out: &mut File, mut left: u64) -> io::Result<()> {
-    use std::io::Write;
+fn copy_buffered(
+    archive: &File,
+    mut offset: u64,
+    out: &File,
+    mut out_offset: u64,
+    mut left: u64,
+) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; (1 << 20).min(left as usize)];
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;
         let n = archive.read_at(&mut buf[..want], offset)?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        out.write_all(&buf[..n])?;
+        out.write_all_at(&buf[..n], out_offset)?;
         offset += n as u64;
+        out_offset += n as u64;
         left -= n as u64;
     }
     Ok(())
 }
 
-fn apply_xattrs<R: io::Read>(entry: &mut tar::Entry<'_, R>, path: &Path) -> Result<()> {
-    let Ok(Some(exts)) = entry.pax_extensions() else {
-        return Ok(());
+/// Extended attributes of an entry (pax `SCHILY.xattr.*`), without the
+/// overlay's own, which must never be restored.
+type Xattrs = Vec<(CString, Vec<u8>)>;
+
+fn xattrs_of<R: io::Read>(entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<Xattrs> {
+    let mut out = Vec::new();
+    let exts = entry
+        .pax_extensions()
+        .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {}: {e}", rel.display())))?;
+    let Some(exts) = exts else {
+        return Ok(out);
     };
-    for ext in exts.flatten() {
-        let Ok(key) = ext.key() else { continue };
-        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-            if name.starts_with("trusted.overlay.") {
-                continue;
-            }
-            xattr::set(path, OsStr::new(name), ext.value_bytes())
-                .map_err(Error::io(format!("set xattr {name} on {}", path.display())))?;
-        }
-    }
-    Ok(())
-}
-
-/// Owner, then mode, then times: the kernel clears setuid/setgid on chown,
-/// so the mode must come after it (and file capabilities, xattrs, after both).
-/// Everything but a symlink is changed through a descriptor opened without
-/// following links, so a later entry that turned the path into a symlink can
-/// never make a change land outside the rootfs.
-fn finish(path: &Path, header: &Header, kind: EntryType) -> Result<()> {
-    if kind == EntryType::Symlink {
-        set_owner(path, header)?;
-        return set_times(path, header, true);
-    }
-    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-    if kind == EntryType::Directory {
-        flags |= libc::O_DIRECTORY;
-    }
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::ENOTDIR) => Error::InvalidArgument(format!(
-                "checkpoint entry {} was replaced by a later entry",
-                path.display()
-            )),
-            _ => Error::io(format!("open {}", path.display()))(e),
-        })?;
-    let (uid, gid) = owner(header);
-    nix::unistd::fchown(&file, uid, gid)
-        .map_err(Error::nix(format!("chown {}", path.display())))?;
-    let mode = header.mode().unwrap_or(0o644) & 0o7777;
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .map_err(Error::io(format!("chmod {}", path.display())))?;
-    if let Ok(mtime) = header.mtime() {
-        let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
-        nix::sys::stat::futimens(&file, &t, &t)
-            .map_err(Error::nix(format!("set times of {}", path.display())))?;
-    }
-    Ok(())
-}
-
-/// The owner an entry's header asks for.
-fn owner(header: &Header) -> (Option<nix::unistd::Uid>, Option<nix::unistd::Gid>) {
-    let uid = header
-        .uid()
-        .ok()
-        .map(|u| nix::unistd::Uid::from_raw(u as u32));
-    let gid = header
-        .gid()
-        .ok()
-        .map(|g| nix::unistd::Gid::from_raw(g as u32));
-    (uid, gid)
-}
-
-fn set_owner(path: &Path, header: &Header) -> Result<()> {
-    let (uid, gid) = owner(header);
-    nix::unistd::fchownat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        uid,
-        gid,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(Error::nix(format!("chown {}", path.display())))
-}
-
-fn set_times(path: &Path, header: &Header, symlink: bool) -> Result<()> {
-    if let Ok(mtime) = header.mtime() {
-        let t = nix::sys::time::TimeSpec::new(mtime as i64, 0);
-        let flag = if symlink {
-            nix::sys::stat::UtimensatFlags::NoFollowSymlink
-        } else {
-            nix::sys::stat::UtimensatFlags::FollowSymlink
+    for ext in exts {
+        let ext = ext
+            .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {}: {e}", rel.display())))?;
+        let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
+            continue;
         };
-        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &t, &t, flag)
-            .map_err(Error::nix(format!("set times of {}", path.display())))?;
+        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+            continue;
+        }
+        let name = CString::new(name).map_err(|_| {
+            Error::InvalidArgument(format!("{}: xattr name with a NUL", rel.display()))
+        })?;
+        out.push((name, ext.value_bytes().to_vec()));
+    }
+    Ok(out)
+}
+
+fn ids(header: &Header) -> (u32, u32) {
+    // A field that does not parse leaves the owner as it is (-1).
+    let uid = header.uid().ok().and_then(|u| u32::try_from(u).ok());
+    let gid = header.gid().ok().and_then(|g| u32::try_from(g).ok());
+    (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))
+}
+
+fn mtime(header: &Header) -> Option<i64> {
+    header.mtime().ok().map(|m| m as i64)
+}
+
+/// Owner, then mode, then xattrs, then times, all through a descriptor of
+/// the object itself: the kernel clears setuid/setgid and file capabilities
+/// on chown, so the mode and xattrs come after it.
+fn finish_fd(fd: BorrowedFd<'_>, header: &Header, xattrs: &Xattrs, rel: &Path) -> Result<()> {
+    let (uid, gid) = ids(header);
+    fsat::fchown(fd, uid, gid).map_err(Error::io(format!("chown {}", rel.display())))?;
+    let mode = header.mode().unwrap_or(0o644) & 0o7777;
+    fsat::fchmod(fd, mode).map_err(Error::io(format!("chmod {}", rel.display())))?;
+    for (k, v) in xattrs {
+        fsat::fsetxattr(fd, k, v).map_err(Error::io(format!(
+            "set xattr {} on {}",
+            k.to_string_lossy(),
+            rel.display()
+        )))?;
+    }
+    if let Some(t) = mtime(header) {
+        fsat::set_mtime(fd, t).map_err(Error::io(format!("set times of {}", rel.display())))?;
+    }
+    Ok(())
+}
+
+/// A symlink's owner, xattrs and times, relative to its directory and never
+/// followed.
+fn finish_symlink(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    header: &Header,
+    xattrs: &Xattrs,
+    rel: &Path,
+) -> Result<()> {
+    let (uid, gid) = ids(header);
+    fsat::chown_at(dir, name, uid, gid).map_err(Error::io(format!("chown {}", rel.display())))?;
+    for (k, v) in xattrs {
+        fsat::lsetxattr_at(dir, name, k, v).map_err(Error::io(format!(
+            "set xattr {} on {}",
+            k.to_string_lossy(),
+            rel.display()
+        )))?;
+    }
+    if let Some(t) = mtime(header) {
+        fsat::set_mtime_at(dir, name, t)
+            .map_err(Error::io(format!("set times of {}", rel.display())))?;
     }
     Ok(())
 }

@@ -1,16 +1,24 @@
 //! Capture: the overlay upperdir written as `rootfs-diff.tar` + `deleted.files`.
+//!
+//! Names are bytes throughout. deleted.files is a JSON list of strings (what
+//! Podman, CRI-O and checkpointctl read), so a deleted path that is not UTF-8
+//! goes into the archive instead, as an OCI whiteout `<dir>/.wh.<name>`.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap, HashSet},
+    ffi::{OsStr, OsString},
     fs::{self, File},
     io::{self, BufWriter},
-    os::unix::fs::{FileTypeExt, MetadataExt},
+    os::unix::{
+        ffi::OsStrExt,
+        fs::{FileTypeExt, MetadataExt},
+    },
     path::{Path, PathBuf},
 };
 
 use tar::{Builder, EntryType, Header, HeaderMode};
 
-use super::{DiffStats, Overlay};
+use super::{apply::WHITEOUT, sparse, DiffStats, Overlay};
 use crate::{
     checkpoint::layout::{DELETED_FILES, ROOTFS_DIFF},
     error::{Error, Result},
@@ -29,6 +37,7 @@ pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
         builder,
         links: HashMap::new(),
         deleted: Vec::new(),
+        seen_deleted: HashSet::new(),
         stats: DiffStats::default(),
     };
     state.walk(Path::new("")).map_err(Error::io(format!(
@@ -38,7 +47,7 @@ pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
     let Capture {
         mut builder,
         deleted,
-        mut stats,
+        stats,
         ..
     } = state;
     // No fsync: containerd reads the directory into its content store at once,
@@ -53,7 +62,6 @@ pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
                 .map(drop)
         })
         .map_err(Error::io(format!("write {}", tar_path.display())))?;
-    stats.deleted = deleted.len() as u64;
     let list = serde_json::to_vec(&deleted).map_err(Error::json("encode deleted files"))?;
     let del_path = dir.join(DELETED_FILES);
     fs::write(&del_path, list).map_err(Error::io(format!("write {}", del_path.display())))?;
@@ -66,59 +74,124 @@ struct Capture<'a> {
     /// First path seen for each (dev, inode) with more than one link.
     links: HashMap<(u64, u64), PathBuf>,
     deleted: Vec<String>,
+    seen_deleted: HashSet<PathBuf>,
     stats: DiffStats,
+}
+
+/// An overlay whiteout: a character device 0/0.
+fn is_whiteout(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+fn sorted_names(dir: &Path) -> io::Result<Vec<OsString>> {
+    let mut names: Vec<_> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()?;
+    names.sort();
+    Ok(names)
 }
 
 impl Capture<'_> {
     fn walk(&mut self, rel: &Path) -> io::Result<()> {
         let dir = self.overlay.upper.join(rel);
-        let mut names: Vec<_> = fs::read_dir(&dir)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
-        names.sort();
-        for name in names {
+        for name in sorted_names(&dir)? {
             let rel = rel.join(&name);
             let full = self.overlay.upper.join(&rel);
             let meta = fs::symlink_metadata(&full)?;
             let ft = meta.file_type();
-            if ft.is_char_device() && meta.rdev() == 0 {
+            if is_whiteout(&meta) {
                 // An overlay whiteout: the file is deleted.
-                self.deleted.push(format!("/{}", rel.display()));
+                self.delete(&rel)?;
                 continue;
             }
-            if ft.is_dir() && is_opaque(&full) {
-                // The lower directory's contents are hidden: list them as deleted.
-                self.hide_lower_entries(&rel)?;
+            let why = if name.as_bytes().starts_with(WHITEOUT) {
+                Some("its name starts with .wh., which marks a deletion in the archive")
+            } else if ft.is_socket() {
+                Some("socket")
+            } else if ft.is_char_device() {
+                Some("character device")
+            } else if ft.is_block_device() {
+                Some("block device")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                // Not restorable: left out, and said so in the metadata.
+                self.stats
+                    .skipped
+                    .push(format!("/{} ({why})", rel.to_string_lossy()));
+                // Whatever a lower layer has there stays hidden after restore.
+                self.delete(&rel)?;
+                continue;
             }
             self.append(&rel, &full, &meta)?;
             if ft.is_dir() {
+                if is_opaque(&full) {
+                    // The lower directories' contents are hidden.
+                    self.hide_lower(&rel)?;
+                }
                 self.walk(&rel)?;
             }
         }
         Ok(())
     }
 
-    fn hide_lower_entries(&mut self, rel: &Path) -> io::Result<()> {
-        let upper = self.overlay.upper.join(rel);
+    /// Records `rel` as deleted: in deleted.files when its path is UTF-8, as
+    /// a `.wh.` entry in the archive when not.
+    fn delete(&mut self, rel: &Path) -> io::Result<()> {
+        if !self.seen_deleted.insert(rel.to_path_buf()) {
+            return Ok(());
+        }
+        self.stats.deleted += 1;
+        if let Some(s) = rel.to_str() {
+            self.deleted.push(format!("/{s}"));
+            return Ok(());
+        }
+        let name = rel.file_name().unwrap_or_default();
+        let mut wh = OsString::from(OsStr::from_bytes(WHITEOUT));
+        wh.push(name);
+        let path = rel.with_file_name(wh);
+        let mut header = Header::new_gnu();
+        header.set_entry_type(EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_size(0);
+        self.builder.append_data(&mut header, &path, io::empty())?;
+        Ok(())
+    }
+
+    /// `rel` is an opaque directory in the upper: every path beneath it in
+    /// any lower that the upper does not have is deleted. Where the upper has
+    /// a directory too, its lower contents are hidden as well (the lower is
+    /// not merged under an opaque parent); where it has anything else, the
+    /// replacement covers them.
+    fn hide_lower(&mut self, rel: &Path) -> io::Result<()> {
+        let mut names = BTreeSet::new();
         for lower in &self.overlay.lowers {
-            let Ok(entries) = fs::read_dir(lower.join(rel)) else {
+            if !is_real_dir(lower, rel) {
                 continue;
-            };
-            for e in entries {
-                let name = e?.file_name();
-                if fs::symlink_metadata(upper.join(&name)).is_err() {
-                    let path = format!("/{}", rel.join(&name).display());
-                    if !self.deleted.contains(&path) {
-                        self.deleted.push(path);
+            }
+            names.extend(sorted_names(&lower.join(rel))?);
+        }
+        for name in names {
+            let child = rel.join(&name);
+            match fs::symlink_metadata(self.overlay.upper.join(&child)) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.delete(&child)?,
+                Err(e) => return Err(e),
+                Ok(m) if m.is_dir() => {
+                    let lower_dir = self.overlay.lowers.iter().any(|l| {
+                        fs::symlink_metadata(l.join(&child)).is_ok_and(|m| m.is_dir())
+                    });
+                    if lower_dir {
+                        self.hide_lower(&child)?;
                     }
                 }
+                Ok(_) => {}
             }
         }
         Ok(())
     }
 
     fn append(&mut self, rel: &Path, full: &Path, meta: &fs::Metadata) -> io::Result<()> {
-        self.append_xattrs(full)?;
         let mut header = Header::new_gnu();
         header.set_metadata_in_mode(meta, HeaderMode::Complete);
         let ft = meta.file_type();
@@ -133,15 +206,38 @@ impl Capture<'_> {
             }
             self.links.insert(key, rel.to_path_buf());
         }
+        self.append_xattrs(rel, full)?;
         if ft.is_symlink() {
             let target = fs::read_link(full)?;
             self.builder.append_link(&mut header, rel, target)?;
         } else if ft.is_file() {
             let f = File::open(full)?;
-            self.stats.bytes += meta.len();
-            self.builder.append_data(&mut header, rel, f)?;
+            let size = meta.len();
+            let sparse = meta.blocks().saturating_mul(512) < size;
+            let segments = if sparse {
+                sparse::data_segments(&f, size).ok()
+            } else {
+                None
+            };
+            match segments {
+                Some(segments) => {
+                    let w = self.builder.get_mut();
+                    self.stats.bytes += sparse::write_entry(
+                        w,
+                        header,
+                        rel.as_os_str().as_bytes(),
+                        &f,
+                        size,
+                        &segments,
+                    )?;
+                }
+                None => {
+                    self.stats.bytes += size;
+                    self.builder.append_data(&mut header, rel, f)?;
+                }
+            }
         } else {
-            // Directories, fifos, devices: the header says it all.
+            // Directories and fifos: the header says it all.
             header.set_size(0);
             self.builder.append_data(&mut header, rel, io::empty())?;
         }
@@ -149,14 +245,21 @@ impl Capture<'_> {
         Ok(())
     }
 
-    fn append_xattrs(&mut self, full: &Path) -> io::Result<()> {
+    fn append_xattrs(&mut self, rel: &Path, full: &Path) -> io::Result<()> {
         let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
         // Not every file system supports xattrs; then there are none to keep.
         let Ok(names) = xattr::list(full) else {
             return Ok(());
         };
         for name in names {
-            let n = name.to_string_lossy();
+            let Some(n) = name.to_str() else {
+                self.stats.skipped.push(format!(
+                    "/{} (xattr {} with a name that is not UTF-8)",
+                    rel.to_string_lossy(),
+                    name.to_string_lossy()
+                ));
+                continue;
+            };
             if n.starts_with("trusted.overlay.") || n.starts_with("user.overlay.") {
                 continue;
             }
@@ -170,6 +273,22 @@ impl Capture<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether `rel` in `lower` is a directory reached through directories only
+/// (a symlink in the lower is not merged, and must not be followed on the host).
+fn is_real_dir(lower: &Path, rel: &Path) -> bool {
+    let mut cur = lower.to_path_buf();
+    if !fs::metadata(&cur).is_ok_and(|m| m.is_dir()) {
+        return false;
+    }
+    for c in rel.components() {
+        cur.push(c);
+        if !fs::symlink_metadata(&cur).is_ok_and(|m| m.is_dir()) {
+            return false;
+        }
+    }
+    true
 }
 
 fn is_opaque(dir: &Path) -> bool {

@@ -4,6 +4,8 @@
 
 mod apply;
 mod capture;
+mod fsat;
+mod sparse;
 #[cfg(test)]
 mod tests;
 
@@ -16,13 +18,18 @@ use crate::error::{Error, Result};
 pub use apply::apply;
 pub use capture::capture;
 
-/// What a capture wrote.
-#[derive(Debug, Default, Clone)]
+/// What a capture wrote, or an apply restored.
+#[derive(Clone, Default, Debug)]
 pub struct DiffStats {
+    /// Archive entries written (capture) or restored (apply), whiteouts not counted.
     pub entries: u64,
+    /// File data bytes (for sparse files, only the data segments).
     pub bytes: u64,
+    /// Paths deleted: deleted.files entries plus `.wh.` whiteout entries.
     pub deleted: u64,
-    /// Paths left out of the capture, each with why (a socket, a device node).
+    /// Capture only: upper entries left out because a restore could not
+    /// recreate them, each as "/path (reason)", e.g. "/tmp/app.sock (socket)".
+    /// For the checkpoint metadata.
     pub skipped: Vec<String>,
 }
 

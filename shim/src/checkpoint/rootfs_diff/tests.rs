@@ -293,3 +293,506 @@ fn truncated_archive_is_invalid() {
     fs::write(&p, &bytes[..1024]).unwrap();
     assert!(apply(ckpt.path(), &rootfs).is_err());
 }
+
+// ---------------------------------------------------------------------------
+// The class of redirect attacks: every entry kind × every redirect.
+// ---------------------------------------------------------------------------
+
+/// Everything about one file that an escape could change (atime aside).
+#[derive(Debug, PartialEq)]
+struct Node {
+    path: Vec<u8>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    nlink: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Vec<u8>,
+    link: Option<PathBuf>,
+    xattrs: Vec<(std::ffi::OsString, Vec<u8>)>,
+}
+
+fn node(path: &std::path::Path, rel: &std::path::Path) -> Node {
+    use std::os::unix::ffi::OsStrExt;
+    let m = fs::symlink_metadata(path).unwrap();
+    let mut xattrs: Vec<_> = xattr::list(path)
+        .map(|l| l.collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| {
+            let v = xattr::get(path, &n).ok().flatten().unwrap_or_default();
+            (n, v)
+        })
+        .collect();
+    xattrs.sort();
+    Node {
+        path: rel.as_os_str().as_bytes().to_vec(),
+        mode: m.mode(),
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.size(),
+        nlink: m.nlink(),
+        ino: m.ino(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+        content: if m.is_file() {
+            fs::read(path).unwrap()
+        } else {
+            Vec::new()
+        },
+        link: fs::read_link(path).ok(),
+        xattrs,
+    }
+}
+
+/// The sandbox's top directory and everything in it but the rootfs.
+fn outside(top: &std::path::Path) -> Vec<Node> {
+    fn walk(top: &std::path::Path, rel: &std::path::Path, out: &mut Vec<Node>) {
+        let full = top.join(rel);
+        out.push(node(&full, rel));
+        if fs::symlink_metadata(&full).unwrap().is_dir() {
+            let mut names: Vec<_> = fs::read_dir(&full)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for n in names {
+                if rel.as_os_str().is_empty() && n == "rootfs" {
+                    continue;
+                }
+                walk(top, &rel.join(n), out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(top, std::path::Path::new(""), &mut out);
+    out
+}
+
+/// A canary directory beside the rootfs, standing for the host: a file and
+/// a subdirectory with owners, modes, times and xattrs of their own.
+fn canary_sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let top = tempfile::tempdir().unwrap();
+    let rootfs = top.path().join("rootfs");
+    fs::create_dir_all(rootfs.join("etc")).unwrap();
+    fs::write(rootfs.join("etc/keep"), "keep").unwrap();
+    let canary = top.path().join("canary");
+    fs::create_dir_all(canary.join("sub")).unwrap();
+    fs::write(canary.join("f"), "canary file").unwrap();
+    fs::write(canary.join("sub/g"), "canary sub file").unwrap();
+    let chown = |p: &std::path::Path, id: u32| {
+        std::os::unix::fs::lchown(p, Some(id), Some(id + 1)).unwrap();
+    };
+    chown(&canary.join("f"), 1111);
+    chown(&canary.join("sub"), 2222);
+    chown(&canary.join("sub/g"), 3333);
+    fs::set_permissions(canary.join("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(canary.join("sub"), fs::Permissions::from_mode(0o750)).unwrap();
+    xattr::set(canary.join("f"), "user.canary", b"file").unwrap();
+    xattr::set(canary.join("sub"), "trusted.canary", b"dir").unwrap();
+    for (p, t) in [
+        (canary.join("sub/g"), 1_000_000),
+        (canary.join("f"), 2_000_000),
+        (canary.join("sub"), 3_000_000),
+        (canary.clone(), 4_000_000),
+    ] {
+        let ts = nix::sys::time::TimeSpec::new(t, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &p,
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+    (top, rootfs, canary)
+}
+
+#[derive(Clone)]
+enum Op {
+    File(String),
+    Dir(String),
+    Sym(String, String),
+    Link(String, String),
+    Fifo(String),
+    XattrFile(String),
+}
+
+fn hostile_entry(
+    b: &mut Builder<Vec<u8>>,
+    name: &str,
+    kind: EntryType,
+    link: Option<&str>,
+    mode: u32,
+    data: &[u8],
+) {
+    let mut h = Header::new_gnu();
+    let bytes = h.as_mut_bytes();
+    assert!(name.len() <= 100 && link.map_or(0, str::len) <= 100);
+    bytes[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(l) = link {
+        bytes[157..157 + l.len()].copy_from_slice(l.as_bytes());
+    }
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(4242);
+    h.set_gid(4242);
+    h.set_mtime(12345);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+fn build(ops: &[Op]) -> impl FnOnce(&mut Builder<Vec<u8>>) + '_ {
+    move |b| {
+        for op in ops {
+            match op {
+                Op::File(p) => hostile_entry(b, p, EntryType::Regular, None, 0o4777, b"pwned"),
+                Op::Dir(p) => hostile_entry(b, p, EntryType::Directory, None, 0o4777, b""),
+                Op::Sym(p, t) => hostile_entry(b, p, EntryType::Symlink, Some(t), 0o777, b""),
+                Op::Link(p, t) => hostile_entry(b, p, EntryType::Link, Some(t), 0o644, b""),
+                Op::Fifo(p) => hostile_entry(b, p, EntryType::Fifo, None, 0o666, b""),
+                Op::XattrFile(p) => {
+                    b.append_pax_extensions([("SCHILY.xattr.user.pwned", &b"1"[..])])
+                        .unwrap();
+                    hostile_entry(b, p, EntryType::Regular, None, 0o4777, b"pwned");
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    File,
+    Dir,
+    Symlink,
+    HardLink,
+    Fifo,
+    Xattr,
+    Whiteout,
+    Deleted,
+}
+
+const KINDS: [Kind; 8] = [
+    Kind::File,
+    Kind::Dir,
+    Kind::Symlink,
+    Kind::HardLink,
+    Kind::Fifo,
+    Kind::Xattr,
+    Kind::Whiteout,
+    Kind::Deleted,
+];
+
+/// The entry of `kind` at `path`: tar ops, or a deleted.files line.
+fn entry_of(kind: Kind, path: &str) -> (Vec<Op>, Vec<String>) {
+    let p = path.to_string();
+    match kind {
+        Kind::File => (vec![Op::File(p)], vec![]),
+        Kind::Dir => (vec![Op::Dir(p)], vec![]),
+        Kind::Symlink => (vec![Op::Sym(p, "/pwned".into())], vec![]),
+        Kind::HardLink => (vec![Op::Link(p, "etc/keep".into())], vec![]),
+        Kind::Fifo => (vec![Op::Fifo(p)], vec![]),
+        Kind::Xattr => (vec![Op::XattrFile(p)], vec![]),
+        Kind::Whiteout => {
+            let (dir, leaf) = match path.rsplit_once('/') {
+                Some((d, l)) => (format!("{d}/"), l),
+                None => (String::new(), path),
+            };
+            (vec![Op::File(format!("{dir}.wh.{leaf}"))], vec![])
+        }
+        Kind::Deleted => {
+            let d = if path.starts_with('/') {
+                p
+            } else {
+                format!("/{p}")
+            };
+            (vec![], vec![d])
+        }
+    }
+}
+
+struct Case {
+    what: String,
+    /// Symlinks already in the rootfs (as an image could have them).
+    setup: Vec<(String, String)>,
+    ops: Vec<Op>,
+    deleted: Vec<String>,
+    /// Whether apply must fail; otherwise it may succeed, confined.
+    refuse: bool,
+}
+
+fn cases(canary: &str) -> Vec<Case> {
+    let mut out = Vec::new();
+    for kind in KINDS {
+        for leaf in ["f", "sub"] {
+            let x = |path: &str| entry_of(kind, path);
+            let mut add = |what: &str,
+                           setup: Vec<(String, String)>,
+                           before: Vec<Op>,
+                           at: String,
+                           after: Vec<Op>,
+                           again: bool,
+                           refuse: bool| {
+                let (ops_x, deleted) = x(&at);
+                let mut ops = before;
+                ops.extend(ops_x.clone());
+                ops.extend(after);
+                if again {
+                    ops.extend(ops_x);
+                }
+                out.push(Case {
+                    what: format!("{kind:?} {leaf}: {what} ({at})"),
+                    setup,
+                    ops,
+                    deleted,
+                    refuse,
+                });
+            };
+            let sym = |p: &str, t: &str| Op::Sym(p.into(), t.into());
+            let tar_kind = kind != Kind::Deleted;
+            if tar_kind {
+                add(
+                    "earlier absolute symlink, first component",
+                    vec![],
+                    vec![sym("esc", canary)],
+                    format!("esc/{leaf}"),
+                    vec![],
+                    false,
+                    true,
+                );
+                add(
+                    "earlier symlink, middle component",
+                    vec![],
+                    vec![Op::Dir("a".into()), sym("a/esc", canary)],
+                    format!("a/esc/{leaf}"),
+                    vec![],
+                    false,
+                    true,
+                );
+                add(
+                    "earlier relative symlink out through ..",
+                    vec![],
+                    vec![Op::Dir("a".into()), sym("a/up", "../../canary")],
+                    format!("a/up/{leaf}"),
+                    vec![],
+                    false,
+                    true,
+                );
+                add(
+                    "earlier symlink into the rootfs, then out through ..",
+                    vec![],
+                    vec![sym("in", "etc/../../canary")],
+                    format!("in/{leaf}"),
+                    vec![],
+                    false,
+                    true,
+                );
+                add(
+                    "directory replaced by a symlink later, then used again",
+                    vec![],
+                    vec![Op::Dir("q".into())],
+                    format!("q/{leaf}"),
+                    vec![sym("q", canary)],
+                    true,
+                    true,
+                );
+                add(
+                    "parent replaced by a symlink after the entry (deferred metadata)",
+                    vec![],
+                    vec![],
+                    format!("q/{leaf}"),
+                    vec![sym("q", canary)],
+                    false,
+                    kind == Kind::Dir,
+                );
+                add(
+                    "entry itself replaced by a symlink later (deferred metadata)",
+                    vec![],
+                    vec![],
+                    "x".into(),
+                    vec![sym("x", &format!("{canary}/{leaf}"))],
+                    false,
+                    kind == Kind::Dir,
+                );
+            }
+            // Symlinks the image already had: absolute, and relative out through ..
+            add(
+                "absolute symlink in the image",
+                vec![("img".into(), canary.into())],
+                vec![],
+                format!("img/{leaf}"),
+                vec![],
+                false,
+                true,
+            );
+            add(
+                "relative symlink in the image, out through ..",
+                vec![("etc/up".into(), "../../canary".into())],
+                vec![],
+                format!("etc/up/{leaf}"),
+                vec![],
+                false,
+                true,
+            );
+            add(
+                "absolute name",
+                vec![],
+                vec![],
+                format!("{canary}/{leaf}"),
+                vec![],
+                false,
+                kind != Kind::Deleted,
+            );
+            add(
+                "dotdot name",
+                vec![],
+                vec![],
+                format!("../canary/{leaf}"),
+                vec![],
+                false,
+                true,
+            );
+            add(
+                "dotdot inside the name",
+                vec![],
+                vec![],
+                format!("etc/../../canary/{leaf}"),
+                vec![],
+                false,
+                true,
+            );
+        }
+    }
+    // Hard links whose target, or the target's parent, leads outside.
+    let link = |to: &str| Op::Link("h".into(), to.into());
+    let sym = |p: &str, t: &str| Op::Sym(p.into(), t.into());
+    let links: Vec<(&str, Vec<Op>)> = vec![
+        ("target through an absolute symlink", vec![sym("esc", canary), link("esc/f")]),
+        (
+            "target through a relative symlink",
+            vec![Op::Dir("a".into()), sym("a/up", "../../canary"), link("a/up/f")],
+        ),
+        (
+            "target is a symlink to a file outside",
+            vec![sym("s", &format!("{canary}/f")), link("s")],
+        ),
+        ("target absolute", vec![Op::Link("h".into(), format!("{canary}/f"))]),
+        ("target dotdot", vec![link("../canary/f")]),
+        ("target dotdot inside", vec![link("etc/../../canary/f")]),
+        ("target a directory", vec![Op::Dir("d".into()), link("d")]),
+        ("target missing", vec![link("nothing")]),
+        (
+            "target's parent replaced by a symlink",
+            vec![
+                Op::File("p/f".into()),
+                sym("p", canary),
+                link("p/f"),
+            ],
+        ),
+    ];
+    for (what, ops) in links {
+        out.push(Case {
+            what: format!("hard link: {what}"),
+            setup: vec![],
+            ops,
+            deleted: vec![],
+            refuse: true,
+        });
+    }
+    out
+}
+
+#[test]
+fn no_redirect_of_any_entry_kind_reaches_outside_the_rootfs() {
+    let mut refused = 0;
+    let all = {
+        let (_top, _rootfs, canary) = canary_sandbox();
+        cases(&canary.display().to_string()).len()
+    };
+    for i in 0..all {
+        let (top, rootfs, canary) = canary_sandbox();
+        let case = cases(&canary.display().to_string()).swap_remove(i);
+        for (link, target) in &case.setup {
+            symlink(target, rootfs.join(link)).unwrap();
+        }
+        let before = outside(top.path());
+        let deleted: Vec<&str> = case.deleted.iter().map(String::as_str).collect();
+        let ckpt = checkpoint_with(build(&case.ops), &deleted);
+        let result = apply(ckpt.path(), &rootfs);
+        assert_eq!(
+            before,
+            outside(top.path()),
+            "{}: something outside the rootfs changed",
+            case.what
+        );
+        match result {
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    containerd_shim_protos::ttrpc::Code::INVALID_ARGUMENT,
+                    "{}: {e}",
+                    case.what
+                );
+                refused += 1;
+            }
+            Ok(_) => assert!(!case.refuse, "{}: applied, must be refused", case.what),
+        }
+    }
+    assert!(all > 150 && refused > all * 3 / 4, "{refused} of {all}");
+}
+
+#[test]
+fn unsupported_entries_are_named_in_words() {
+    for (kind, words) in [
+        (EntryType::Block, "dev/x is a block device"),
+        (EntryType::Char, "dev/x is a character device"),
+        (EntryType::new(b' '), "dev/x is an entry of unknown type 0x20"),
+    ] {
+        let (_top, rootfs, _) = sandbox();
+        let ckpt = checkpoint_with(|b| raw_entry(b, "dev/x", kind, None, b""), &[]);
+        let err = apply(ckpt.path(), &rootfs).unwrap_err().to_string();
+        assert!(err.contains(words), "{err}");
+        assert!(
+            err.contains("only regular files, directories, symlinks, hard links and fifos"),
+            "{err}"
+        );
+        assert!(!err.contains("Nonexhaustive") && !err.contains('('), "{err}");
+    }
+}
+
+#[test]
+fn a_whiteout_entry_removes_its_file_and_is_not_created() {
+    let (_top, rootfs, _) = sandbox();
+    fs::create_dir(rootfs.join("etc/d")).unwrap();
+    symlink("/", rootfs.join("etc/d/inner")).unwrap();
+    let ckpt = checkpoint_with(
+        |b| {
+            raw_entry(b, "etc/.wh.keep", EntryType::Regular, None, b"");
+            raw_entry(b, ".wh.etc", EntryType::Regular, None, b"");
+            raw_entry(b, "missing/.wh.x", EntryType::Regular, None, b"");
+        },
+        &[],
+    );
+    let stats = apply(ckpt.path(), &rootfs).unwrap();
+    assert_eq!(stats.deleted, 3);
+    assert_eq!(fs::read_dir(&rootfs).unwrap().count(), 0);
+}
+
+#[test]
+fn removal_goes_through_descriptors_and_never_follows_a_symlink_inside() {
+    let (top, rootfs, canary) = canary_sandbox();
+    fs::create_dir_all(rootfs.join("victim/deep")).unwrap();
+    symlink(&canary, rootfs.join("victim/deep/out")).unwrap();
+    symlink(&canary, rootfs.join("victim/out")).unwrap();
+    let before = outside(top.path());
+    let ckpt = checkpoint_with(|_| {}, &["/victim"]);
+    apply(ckpt.path(), &rootfs).unwrap();
+    assert!(!rootfs.join("victim").exists());
+    assert_eq!(before, outside(top.path()));
+}
