@@ -69,6 +69,11 @@ printf 'shimtest\n' >"$rootfs/etc/hostname"
 : >"$rootfs/etc/hosts"
 : >"$rootfs/etc/resolv.conf"
 chmod 0644 "$rootfs"/etc/*
+# A nested file and a name that is not UTF-8, for the rootfs diff tests (deletions at depth, names
+# as bytes).
+mkdir -p "$rootfs/data/sub"
+printf 'keep\n' >"$rootfs/data/sub/keep.txt"
+printf 'latin1\n' >"$rootfs/data/$(printf 'caf\351')"
 
 # --- layer ------------------------------------------------------------------------------------
 layer_tar="$work/layer.tar"

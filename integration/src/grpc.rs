@@ -344,7 +344,12 @@ impl Client {
                 snapshotter: t.snapshotter.clone(),
                 key: new_id.to_string(),
                 parent: info.parent.clone(),
-                labels: HashMap::new(),
+                // A root for containerd's GC until the container record references it: without
+                // a lease, a collection between Prepare and Containers.Create removes it.
+                labels: HashMap::from([(
+                    "containerd.io/gc.root".to_string(),
+                    "integration".to_string(),
+                )]),
             })?))
             .map_err(|s| format!("Snapshots.Prepare({new_id}): {s}"))?;
 

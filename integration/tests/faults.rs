@@ -717,3 +717,84 @@ fn checkpoint_with_exit_disk_full_keeps_the_container_custom() {
         remove_container(cd, id);
     });
 }
+
+/// What the custom shim's rootfs diff captured comes back as it was, through containerd's Tasks
+/// API (no --rw: the shim's own diff is all there is): a directory removed and made anew at depth
+/// stays empty (overlay marks only its top opaque), a deleted name that is not UTF-8 stays
+/// deleted, a sparse file stays sparse, and a unix socket in the rootfs is left out and listed in
+/// the record instead of making the checkpoint unrestorable.
+#[test]
+fn captured_files_restore_whole_custom() {
+    use std::os::unix::fs::MetadataExt;
+    integration::run_scenario(Runtime::Custom, |rt, cd| {
+        let script = format!(
+            "rm -rf /data; mkdir -p /data/sub; echo new > /data/sub/new.txt; \
+             dd if=/dev/zero of=/sparse bs=1 count=0 seek=1073741824 2>/dev/null; \
+             echo middle | dd of=/sparse bs=1 seek=104857600 conv=notrunc 2>/dev/null; \
+             touch /ready; {COUNTER}"
+        );
+        let pid = run_with(cd, rt, "files", &[], &["sh", "-c", &script]);
+        poll("/ready", T, || {
+            fs::metadata(format!("/proc/{pid}/root/ready"))
+                .ok()
+                .map(drop)
+        });
+        // A unix socket file in the rootfs, bound from outside and closed: nothing holds it.
+        let sock = format!("/proc/{pid}/root/tmp/app.sock");
+        drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind a socket in the rootfs"));
+        let mut api = Api::connect(cd);
+        api.use_new_lease("files");
+        let desc = api
+            .checkpoint_blob("files", &CheckpointOptions::default())
+            .unwrap_or_else(|e| panic!("checkpoint with a socket in the rootfs: {e}"));
+        let record = integration::checkpoint::tar_member(
+            &api.blob_path(&desc),
+            integration::checkpoint::SHIM_METADATA,
+        )
+        .expect("the shim's record");
+        let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        let left_out = record["rootfs_diff_left_out"].to_string();
+        assert!(
+            left_out.contains("/tmp/app.sock") && left_out.contains("socket"),
+            "the socket should be listed as left out: {record:#}"
+        );
+        let r = api
+            .restore_as_new("files", "files2", Runtime::Custom, &desc)
+            .unwrap_or_else(|e| panic!("restore: {e}"));
+        let root = format!("/proc/{r}/root");
+        let names = |d: &str| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(format!("{root}{d}"))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(names("/data"), vec!["sub"], "/data after restore");
+        assert_eq!(
+            names("/data/sub"),
+            vec!["new.txt"],
+            "/data/sub after restore"
+        );
+        let sparse = fs::metadata(format!("{root}/sparse")).expect("/sparse restored");
+        assert_eq!(sparse.len(), 1 << 30, "/sparse keeps its size");
+        assert!(
+            sparse.blocks() * 512 < 16 << 20,
+            "/sparse should stay sparse: {} bytes allocated",
+            sparse.blocks() * 512
+        );
+        let bytes = fs::read(format!("{root}/sparse")).unwrap();
+        assert_eq!(&bytes[104857600..104857607], b"middle\n", "/sparse data");
+        assert!(bytes[..104857600].iter().all(|b| *b == 0), "/sparse hole");
+        assert!(
+            fs::symlink_metadata(format!("{root}/tmp/app.sock")).is_err(),
+            "the socket is not restored"
+        );
+        wait_count_advances(r, "the restored counter");
+        remove_container(cd, "files2");
+        remove_container(cd, "files");
+    });
+}

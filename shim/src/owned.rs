@@ -47,11 +47,26 @@ pub async fn settle(limit: std::time::Duration) {
 #[derive(Clone, Debug, Default)]
 pub struct Caller {
     gone: Arc<AtomicBool>,
+    vanished: Option<Arc<std::path::PathBuf>>,
 }
 
 impl Caller {
     pub fn gone(&self) -> bool {
         self.gone.load(Ordering::SeqCst)
+            || self
+                .vanished
+                .as_ref()
+                .is_some_and(|p| !p.as_path().exists())
+    }
+
+    /// This caller, also counted gone once `path` (the caller's own, there
+    /// when it asked) no longer exists: a caller that gives up may remove its
+    /// directory before its request is seen to end.
+    pub fn or_when_gone(&self, path: Option<std::path::PathBuf>) -> Self {
+        Self {
+            gone: self.gone.clone(),
+            vanished: path.map(Arc::new),
+        }
     }
 
     /// Cancelled when the caller gave up: the operation rolls back from here.

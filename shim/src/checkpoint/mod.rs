@@ -105,18 +105,24 @@ fn ms(d: Duration) -> f64 {
 /// moved in at the end, so a failed, cancelled or timed-out checkpoint leaves
 /// no partial files, and a caller that gives up and removes the target takes
 /// none of an `exit` checkpoint's images with it.
+///
+/// `path_existed` says whether `path` was there when the request came: if it
+/// vanishes meanwhile, its caller removed it on giving up, and it is never
+/// made anew (nor filled).
 pub async fn dump(
     t: &Target<'_>,
     path: &Path,
+    path_existed: bool,
     opts: &CheckpointOptions,
     status: Status,
     caller: &Caller,
 ) -> Result<()> {
-    let target = if opts.image_path.is_empty() {
-        path.to_path_buf()
+    let (target, watched) = if opts.image_path.is_empty() {
+        (path.to_path_buf(), path_existed)
     } else {
-        PathBuf::from(&opts.image_path)
+        (PathBuf::from(&opts.image_path), false)
     };
+    let caller = &caller.or_when_gone(watched.then(|| target.clone()));
     if target.as_os_str().is_empty() {
         return Err(Error::InvalidArgument("checkpoint path is empty".into()));
     }

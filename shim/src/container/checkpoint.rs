@@ -35,13 +35,16 @@ impl Container {
         opts: CheckpointOptions,
     ) -> Result<()> {
         let this = self.clone();
+        // Seen now, in the request: a target that was there and is gone later
+        // was removed by a caller that gave up (containerd removes its temp dir).
+        let existed = path.is_dir();
         owned::run(move |caller| async move {
             let _op = this.ops.lock().await;
             caller.check("the checkpoint")?;
             let status = this
                 .init
                 .require(&[Status::Running, Status::Paused], "checkpoint")?;
-            checkpoint::dump(&this.target(), &path, &opts, status, &caller).await
+            checkpoint::dump(&this.target(), &path, existed, &opts, status, &caller).await
         })
         .await
     }

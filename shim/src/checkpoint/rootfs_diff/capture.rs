@@ -178,9 +178,10 @@ impl Capture<'_> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => self.delete(&child)?,
                 Err(e) => return Err(e),
                 Ok(m) if m.is_dir() => {
-                    let lower_dir = self.overlay.lowers.iter().any(|l| {
-                        fs::symlink_metadata(l.join(&child)).is_ok_and(|m| m.is_dir())
-                    });
+                    let lower_dir =
+                        self.overlay.lowers.iter().any(|l| {
+                            fs::symlink_metadata(l.join(&child)).is_ok_and(|m| m.is_dir())
+                        });
                     if lower_dir {
                         self.hide_lower(&child)?;
                     }

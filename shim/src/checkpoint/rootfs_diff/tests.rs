@@ -673,27 +673,33 @@ fn cases(canary: &str) -> Vec<Case> {
     let link = |to: &str| Op::Link("h".into(), to.into());
     let sym = |p: &str, t: &str| Op::Sym(p.into(), t.into());
     let links: Vec<(&str, Vec<Op>)> = vec![
-        ("target through an absolute symlink", vec![sym("esc", canary), link("esc/f")]),
+        (
+            "target through an absolute symlink",
+            vec![sym("esc", canary), link("esc/f")],
+        ),
         (
             "target through a relative symlink",
-            vec![Op::Dir("a".into()), sym("a/up", "../../canary"), link("a/up/f")],
+            vec![
+                Op::Dir("a".into()),
+                sym("a/up", "../../canary"),
+                link("a/up/f"),
+            ],
         ),
         (
             "target is a symlink to a file outside",
             vec![sym("s", &format!("{canary}/f")), link("s")],
         ),
-        ("target absolute", vec![Op::Link("h".into(), format!("{canary}/f"))]),
+        (
+            "target absolute",
+            vec![Op::Link("h".into(), format!("{canary}/f"))],
+        ),
         ("target dotdot", vec![link("../canary/f")]),
         ("target dotdot inside", vec![link("etc/../../canary/f")]),
         ("target a directory", vec![Op::Dir("d".into()), link("d")]),
         ("target missing", vec![link("nothing")]),
         (
             "target's parent replaced by a symlink",
-            vec![
-                Op::File("p/f".into()),
-                sym("p", canary),
-                link("p/f"),
-            ],
+            vec![Op::File("p/f".into()), sym("p", canary), link("p/f")],
         ),
     ];
     for (what, ops) in links {
@@ -752,7 +758,10 @@ fn unsupported_entries_are_named_in_words() {
     for (kind, words) in [
         (EntryType::Block, "dev/x is a block device"),
         (EntryType::Char, "dev/x is a character device"),
-        (EntryType::new(b' '), "dev/x is an entry of unknown type 0x20"),
+        (
+            EntryType::new(b' '),
+            "dev/x is an entry of unknown type 0x20",
+        ),
     ] {
         let (_top, rootfs, _) = sandbox();
         let ckpt = checkpoint_with(|b| raw_entry(b, "dev/x", kind, None, b""), &[]);
@@ -762,7 +771,10 @@ fn unsupported_entries_are_named_in_words() {
             err.contains("only regular files, directories, symlinks, hard links and fifos"),
             "{err}"
         );
-        assert!(!err.contains("Nonexhaustive") && !err.contains('('), "{err}");
+        assert!(
+            !err.contains("Nonexhaustive") && !err.contains('('),
+            "{err}"
+        );
     }
 }
 
