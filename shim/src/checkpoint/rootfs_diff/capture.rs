@@ -121,7 +121,14 @@ impl Capture<'_> {
                     .skipped
                     .push(format!("/{} ({why})", rel.to_string_lossy()));
                 // Whatever a lower layer has there stays hidden after restore.
-                self.delete(&rel)?;
+                let in_lower = self
+                    .overlay
+                    .lowers
+                    .iter()
+                    .any(|l| fs::symlink_metadata(l.join(&rel)).is_ok());
+                if in_lower {
+                    self.delete(&rel)?;
+                }
                 continue;
             }
             self.append(&rel, &full, &meta)?;
@@ -178,9 +185,10 @@ impl Capture<'_> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => self.delete(&child)?,
                 Err(e) => return Err(e),
                 Ok(m) if m.is_dir() => {
-                    let lower_dir = self.overlay.lowers.iter().any(|l| {
-                        fs::symlink_metadata(l.join(&child)).is_ok_and(|m| m.is_dir())
-                    });
+                    let lower_dir =
+                        self.overlay.lowers.iter().any(|l| {
+                            fs::symlink_metadata(l.join(&child)).is_ok_and(|m| m.is_dir())
+                        });
                     if lower_dir {
                         self.hide_lower(&child)?;
                     }
