@@ -185,9 +185,7 @@ impl Root {
     ) -> Result<Option<T>> {
         match e.raw_os_error() {
             // Not a directory, and no symlink on the way: nothing there to act on.
-            Some(libc::ENOTDIR) if missing == Missing::Absent && !self.has_symlink(at)? => {
-                Ok(None)
-            }
+            Some(libc::ENOTDIR) if missing == Missing::Absent && !self.has_symlink(at)? => Ok(None),
             Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => {
                 Err(Error::InvalidArgument(format!(
                     "checkpoint entry {} goes through {}, which is a symlink or not a directory: \
@@ -364,7 +362,12 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
             Ok(fd) => fd,
             // Removed by a later whiteout: nothing left to set.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR)
+                ) =>
+            {
                 return Err(Error::InvalidArgument(format!(
                     "checkpoint entry {} was redirected by a later entry: \
                      it or one of its parents is no longer a directory",
@@ -458,8 +461,8 @@ fn hard_link<R: io::Read>(
     if !fsat::is_reg(&tst) {
         return Err(not_in_rootfs());
     }
-    if let Some(st) = fsat::lstat_at(pfd, cname)
-        .map_err(Error::io(format!("stat {}", root.show(rel))))?
+    if let Some(st) =
+        fsat::lstat_at(pfd, cname).map_err(Error::io(format!("stat {}", root.show(rel))))?
     {
         if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino) {
             return Ok(());
@@ -479,7 +482,10 @@ fn write_sparse<R: io::Read>(
     rel: &Path,
 ) -> Result<u64> {
     let map = sparse::read_map(archive, entry.raw_header_position()).map_err(|e| {
-        Error::InvalidArgument(format!("{ROOTFS_DIFF}: sparse entry {}: {e}", rel.display()))
+        Error::InvalidArgument(format!(
+            "{ROOTFS_DIFF}: sparse entry {}: {e}",
+            rel.display()
+        ))
     })?;
     let mut at = map.data_start;
     for seg in &map.segments {
@@ -571,8 +577,9 @@ fn xattrs_of<R: io::Read>(entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<X
         return Ok(out);
     };
     for ext in exts {
-        let ext = ext
-            .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {}: {e}", rel.display())))?;
+        let ext = ext.map_err(|e| {
+            Error::InvalidArgument(format!("{ROOTFS_DIFF}: {}: {e}", rel.display()))
+        })?;
         let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
             continue;
         };

@@ -89,8 +89,7 @@ pub fn is_reg(st: &libc::stat) -> bool {
 
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd and NUL-terminated name.
-    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })
-        .map(drop)
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
 /// A new regular file `name` in `dir`: O_CREAT|O_EXCL|O_NOFOLLOW.
@@ -142,15 +141,8 @@ pub fn link_at(
 
 pub fn mkfifo_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     // SAFETY: valid fd and NUL-terminated name.
-    check(unsafe {
-        libc::mknodat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::S_IFIFO | 0o600,
-            0,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), libc::S_IFIFO | 0o600, 0) })
+        .map(drop)
 }
 
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &CStr, directory: bool) -> io::Result<()> {

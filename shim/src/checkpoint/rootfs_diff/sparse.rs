@@ -106,7 +106,11 @@ pub fn write_entry<W: Write>(
     gnu.set_is_extended(map.len() > IN_HEADER);
     header.set_cksum();
     w.write_all(header.as_bytes())?;
-    let rest: Vec<&[Segment]> = map.get(IN_HEADER..).unwrap_or(&[]).chunks(PER_EXT).collect();
+    let rest: Vec<&[Segment]> = map
+        .get(IN_HEADER..)
+        .unwrap_or(&[])
+        .chunks(PER_EXT)
+        .collect();
     for (i, chunk) in rest.iter().enumerate() {
         let mut ext = GnuExtSparseHeader::new();
         for (slot, seg) in ext.sparse.iter_mut().zip(chunk.iter()) {
