@@ -1220,3 +1220,129 @@ fn a_real_overlay_round_trips_through_capture_and_apply() {
     assert_same_contents(&merged, &merged3, &want);
     drop(m1);
 }
+
+#[test]
+fn opaque_directories_hide_every_lower_layer_at_any_depth_and_unrestorable_entries_are_reported() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let top = tempfile::tempdir().unwrap();
+    let (upper, l1, l2) = (
+        top.path().join("upper"),
+        top.path().join("l1"),
+        top.path().join("l2"),
+    );
+    let host = top.path().join("host");
+    fs::create_dir_all(host.join("secret")).unwrap();
+    fs::create_dir_all(l1.join("data")).unwrap();
+    fs::write(l1.join("data/a"), "").unwrap();
+    // A lower symlink where the upper has a directory: never followed.
+    symlink(&host, l1.join("data/link")).unwrap();
+    fs::create_dir_all(l2.join("data/sub/deep")).unwrap();
+    fs::write(l2.join("data/b"), "").unwrap();
+    fs::write(l2.join("data/sub/c"), "").unwrap();
+    fs::write(l2.join("data/sub/deep/d"), "").unwrap();
+    fs::write(l2.join(OsStr::from_bytes(b"data/sub/n\xff")), "").unwrap();
+    fs::create_dir_all(l2.join("data/file-now")).unwrap();
+    fs::write(l2.join("data/file-now/e"), "").unwrap();
+    fs::write(l2.join("data/sock"), "").unwrap();
+    fs::create_dir_all(upper.join("data/sub/deep")).unwrap();
+    fs::create_dir_all(upper.join("data/link")).unwrap();
+    fs::write(upper.join("data/file-now"), "replaces the dir").unwrap();
+    xattr::set(upper.join("data"), "trusted.overlay.opaque", b"y").unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(upper.join("data/sock")).unwrap();
+    fs::write(upper.join(".wh.mine"), "").unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("blk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(7, 0),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("chr"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let stats = capture(
+        &Overlay {
+            upper,
+            lowers: vec![l1, l2],
+        },
+        &out,
+    )
+    .unwrap();
+    let mut skipped = stats.skipped.clone();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "/.wh.mine (its name starts with .wh., which marks a deletion in the archive)",
+            "/blk (block device)",
+            "/chr (character device)",
+            "/data/sock (socket)",
+        ]
+    );
+    let mut deleted: Vec<String> =
+        serde_json::from_slice(&fs::read(out.join(DELETED_FILES)).unwrap()).unwrap();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            "/data/a",
+            "/data/b",
+            "/data/sock",
+            "/data/sub/c",
+            "/data/sub/deep/d"
+        ]
+    );
+    let mut a = tar::Archive::new(fs::File::open(out.join(ROOTFS_DIFF)).unwrap());
+    let names: Vec<Vec<u8>> = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path_bytes().into_owned())
+        .collect();
+    assert!(names.contains(&b"data/sub/.wh.n\xff".to_vec()), "{names:?}");
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with(b"blk") || n.starts_with(b"chr")));
+    assert_eq!(stats.deleted, 6);
+}
+
+#[test]
+fn an_all_hole_file_is_a_sparse_entry_without_data() {
+    let top = tempfile::tempdir().unwrap();
+    let upper = top.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    sparse_file(&upper.join("holes"), 1 << 30, &[]);
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let stats = capture(
+        &Overlay {
+            upper: upper.clone(),
+            lowers: vec![],
+        },
+        &out,
+    )
+    .unwrap();
+    assert_eq!(stats.bytes, 0);
+    let gnu = top.path().join("gnu");
+    fs::create_dir(&gnu).unwrap();
+    assert!(std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(out.join(ROOTFS_DIFF))
+        .arg("-C")
+        .arg(&gnu)
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(fs::metadata(gnu.join("holes")).unwrap().len(), 1 << 30);
+    let (_t, rootfs, _) = sandbox();
+    apply(&out, &rootfs).unwrap();
+    let m = fs::metadata(rootfs.join("holes")).unwrap();
+    assert_eq!((m.len(), m.blocks()), (1 << 30, 0));
+    assert_same_sparse(&upper.join("holes"), &rootfs.join("holes"));
+}
