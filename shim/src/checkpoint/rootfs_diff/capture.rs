@@ -121,7 +121,14 @@ impl Capture<'_> {
                     .skipped
                     .push(format!("/{} ({why})", rel.to_string_lossy()));
                 // Whatever a lower layer has there stays hidden after restore.
-                self.delete(&rel)?;
+                let in_lower = self
+                    .overlay
+                    .lowers
+                    .iter()
+                    .any(|l| fs::symlink_metadata(l.join(&rel)).is_ok());
+                if in_lower {
+                    self.delete(&rel)?;
+                }
                 continue;
             }
             self.append(&rel, &full, &meta)?;

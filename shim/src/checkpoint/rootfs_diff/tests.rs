@@ -808,3 +808,541 @@ fn removal_goes_through_descriptors_and_never_follows_a_symlink_inside() {
     assert!(!rootfs.join("victim").exists());
     assert_eq!(before, outside(top.path()));
 }
+
+// ---------------------------------------------------------------------------
+// Sparse entries, and a real overlay captured and restored.
+// ---------------------------------------------------------------------------
+
+/// A sparse file of `size` bytes with 4 KiB of data at each of `offsets`.
+fn sparse_file(path: &std::path::Path, size: u64, offsets: &[u64]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (i, off) in offsets.iter().enumerate() {
+        f.write_all_at(&[b'a' + (i % 26) as u8; 4096], *off)
+            .unwrap();
+    }
+}
+
+/// Compares two files without reading holes byte by byte in a debug build:
+/// same length, same data segments, same data in them.
+fn assert_same_sparse(a: &std::path::Path, b: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let (fa, fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
+    let size = fa.metadata().unwrap().len();
+    assert_eq!(size, fb.metadata().unwrap().len(), "{}", b.display());
+    let sa = super::sparse::data_segments(&fa, size).unwrap();
+    let sb = super::sparse::data_segments(&fb, size).unwrap();
+    assert_eq!(sa, sb, "{}", b.display());
+    for s in sa {
+        let (mut ba, mut bb) = (vec![0; s.len as usize], vec![0; s.len as usize]);
+        fa.read_exact_at(&mut ba, s.offset).unwrap();
+        fb.read_exact_at(&mut bb, s.offset).unwrap();
+        assert!(ba == bb, "{} differs at {}", b.display(), s.offset);
+    }
+}
+
+#[test]
+fn sparse_entries_are_read_back_by_the_tar_crate_and_gnu_tar() {
+    use std::io::Read;
+    let top = tempfile::tempdir().unwrap();
+    let upper = top.path().join("upper");
+    // A name over 100 bytes: the entry needs a GNU long name first.
+    let dir = upper.join("d".repeat(60));
+    fs::create_dir_all(&dir).unwrap();
+    let name = format!("{}-sparse", "s".repeat(60));
+    let file = dir.join(&name);
+    // 30 segments: 4 in the header, 21 in one extended block, 5 in another;
+    // the file ends in a hole.
+    let offsets: Vec<u64> = (0..30).map(|i| i * (2 << 20) + 512 * (i % 3)).collect();
+    sparse_file(&file, 64 << 20, &offsets);
+    let small = upper.join("small");
+    sparse_file(&small, 1 << 20, &[8192]);
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let stats = capture(
+        &Overlay {
+            upper: upper.clone(),
+            lowers: vec![],
+        },
+        &out,
+    )
+    .unwrap();
+    let archive = out.join(ROOTFS_DIFF);
+    let archived = fs::metadata(&archive).unwrap().len();
+    assert!(archived < 1 << 20, "archive of {archived} bytes");
+    assert!(stats.bytes < 512 << 10, "{stats:?}");
+
+    // The tar crate reads the same bytes.
+    let mut a = tar::Archive::new(fs::File::open(&archive).unwrap());
+    let mut seen = 0;
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = upper.join(e.path().unwrap());
+        if !path.is_file() {
+            continue;
+        }
+        assert_eq!(e.header().entry_type(), EntryType::GNUSparse);
+        let mut want = fs::File::open(&path).unwrap();
+        let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut total = 0u64;
+        loop {
+            let n = e.read(&mut x).unwrap();
+            if n == 0 {
+                break;
+            }
+            want.read_exact(&mut y[..n]).unwrap();
+            assert!(x[..n] == y[..n], "{} differs near {total}", path.display());
+            total += n as u64;
+        }
+        assert_eq!(total, fs::metadata(&path).unwrap().len());
+        seen += 1;
+    }
+    assert_eq!(seen, 2);
+
+    // GNU tar too.
+    let gnu = top.path().join("gnu");
+    fs::create_dir(&gnu).unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&gnu)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let rel = file.strip_prefix(&upper).unwrap();
+    assert_eq!(
+        fs::read(gnu.join(rel)).unwrap(),
+        fs::read(&file).unwrap(),
+        "GNU tar read other bytes"
+    );
+    assert_eq!(
+        fs::read(gnu.join("small")).unwrap(),
+        fs::read(&small).unwrap()
+    );
+
+    // And apply keeps the holes.
+    let rootfs = top.path().join("rootfs");
+    fs::create_dir(&rootfs).unwrap();
+    apply(&out, &rootfs).unwrap();
+    assert_same_sparse(&file, &rootfs.join(rel));
+    let m = fs::metadata(rootfs.join(rel)).unwrap();
+    assert!(m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
+}
+
+#[test]
+fn a_hostile_sparse_map_is_invalid() {
+    // Two segments out of order: the map is checked before any data is written.
+    let top = tempfile::tempdir().unwrap();
+    let upper = top.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    sparse_file(&upper.join("s"), 1 << 20, &[0, 65536]);
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    capture(
+        &Overlay {
+            upper,
+            lowers: vec![],
+        },
+        &out,
+    )
+    .unwrap();
+    let p = out.join(ROOTFS_DIFF);
+    let mut bytes = fs::read(&p).unwrap();
+    // Swap the first two sparse slots (at 386 and 410) and fix the checksum.
+    let (a, b) = (bytes[386..410].to_vec(), bytes[410..434].to_vec());
+    bytes[386..410].copy_from_slice(&b);
+    bytes[410..434].copy_from_slice(&a);
+    let mut h = Header::new_old();
+    h.as_mut_bytes().copy_from_slice(&bytes[..512]);
+    h.set_cksum();
+    bytes[..512].copy_from_slice(h.as_bytes());
+    fs::write(&p, bytes).unwrap();
+    let (_top2, rootfs, _) = sandbox();
+    let err = apply(&out, &rootfs).unwrap_err();
+    assert_eq!(
+        err.code(),
+        containerd_shim_protos::ttrpc::Code::INVALID_ARGUMENT,
+        "{err}"
+    );
+}
+
+/// An overlay mount, detached when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mount_overlay(top: &std::path::Path, lower: &std::path::Path, n: &str) -> (Mounted, PathBuf) {
+    let (upper, work, merged) = (
+        top.join(format!("upper{n}")),
+        top.join(format!("work{n}")),
+        top.join(format!("merged{n}")),
+    );
+    for d in [&upper, &work, &merged] {
+        fs::create_dir(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap();
+    (Mounted(merged.clone()), merged)
+}
+
+#[derive(Debug, PartialEq)]
+struct View {
+    path: Vec<u8>,
+    kind: u32,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    nlink: u64,
+    mtime: i64,
+    link: Option<PathBuf>,
+    xattrs: Vec<(std::ffi::OsString, Vec<u8>)>,
+}
+
+/// A merged view, file by file (the root's own times aside); regular file
+/// contents are compared separately.
+fn view(root: &std::path::Path, dir_times: bool) -> Vec<View> {
+    fn walk(root: &std::path::Path, rel: &std::path::Path, dir_times: bool, out: &mut Vec<View>) {
+        use std::os::unix::ffi::OsStrExt;
+        let full = root.join(rel);
+        let m = fs::symlink_metadata(&full).unwrap();
+        let mut xattrs: Vec<_> = xattr::list(&full)
+            .map(|l| l.collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !n.to_string_lossy().contains("overlay."))
+            .map(|n| {
+                let v = xattr::get(&full, &n).ok().flatten().unwrap_or_default();
+                (n, v)
+            })
+            .collect();
+        xattrs.sort();
+        if !rel.as_os_str().is_empty() {
+            out.push(View {
+                path: rel.as_os_str().as_bytes().to_vec(),
+                kind: m.mode() & libc::S_IFMT,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                size: if m.is_dir() { 0 } else { m.size() },
+                nlink: if m.is_dir() { 0 } else { m.nlink() },
+                mtime: if m.is_dir() && !dir_times {
+                    0
+                } else {
+                    m.mtime()
+                },
+                link: fs::read_link(&full).ok(),
+                xattrs,
+            });
+        }
+        if m.is_dir() {
+            let mut names: Vec<_> = fs::read_dir(&full)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for n in names {
+                walk(root, &rel.join(n), dir_times, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, std::path::Path::new(""), dir_times, &mut out);
+    out
+}
+
+fn assert_same_contents(a: &std::path::Path, b: &std::path::Path, files: &[View]) {
+    use std::os::unix::ffi::OsStrExt;
+    for f in files.iter().filter(|v| v.kind == libc::S_IFREG) {
+        let rel = std::path::Path::new(std::ffi::OsStr::from_bytes(&f.path));
+        assert_same_sparse(&a.join(rel), &b.join(rel));
+    }
+}
+
+#[test]
+fn a_real_overlay_round_trips_through_capture_and_apply() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let top = tempfile::tempdir().unwrap();
+    let top = top.path();
+    // The image.
+    let lower = top.join("lower");
+    for d in ["etc", "data/sub/deeper", "tmp", "keepdir"] {
+        fs::create_dir_all(lower.join(d)).unwrap();
+    }
+    fs::write(lower.join("etc/passwd"), "root:x:0:0").unwrap();
+    fs::write(lower.join("data/sub/keep.txt"), "must not come back").unwrap();
+    fs::write(lower.join("data/sub/deeper/x"), "nor this").unwrap();
+    fs::write(lower.join("data/other"), "nor this").unwrap();
+    fs::write(lower.join("gone.txt"), "deleted").unwrap();
+    fs::write(
+        lower.join(OsStr::from_bytes(b"old\xff")),
+        "deleted, not UTF-8",
+    )
+    .unwrap();
+    fs::write(lower.join("keepdir/stays"), "untouched").unwrap();
+
+    // The container's changes, made through the overlay.
+    let (m1, merged) = mount_overlay(top, &lower, "1");
+    fs::write(merged.join("new.txt"), "new").unwrap();
+    std::os::unix::fs::chown(merged.join("new.txt"), Some(1000), Some(1001)).unwrap();
+    fs::set_permissions(merged.join("new.txt"), fs::Permissions::from_mode(0o751)).unwrap();
+    xattr::set(merged.join("new.txt"), "user.test", b"value").unwrap();
+    fs::hard_link(merged.join("new.txt"), merged.join("hard.txt")).unwrap();
+    fs::write(merged.join("suid"), "#!/bin/sh").unwrap();
+    std::os::unix::fs::chown(merged.join("suid"), Some(1234), Some(1234)).unwrap();
+    fs::set_permissions(merged.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::create_dir(merged.join("newdir")).unwrap();
+    fs::write(merged.join("newdir/inside"), "in").unwrap();
+    fs::set_permissions(merged.join("newdir"), fs::Permissions::from_mode(0o710)).unwrap();
+    xattr::set(merged.join("newdir"), "trusted.dir", b"d").unwrap();
+    symlink("new.txt", merged.join("link")).unwrap();
+    symlink("/etc/passwd", merged.join("abs-link")).unwrap();
+    xattr::set(merged.join("link"), "trusted.sym", b"s").unwrap();
+    nix::unistd::mkfifo(
+        &merged.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(merged.join("tmp/app.sock")).unwrap();
+    fs::remove_dir_all(merged.join("data")).unwrap();
+    fs::create_dir_all(merged.join("data/sub")).unwrap();
+    fs::write(merged.join("data/sub/new.txt"), "after rm -rf").unwrap();
+    fs::remove_file(merged.join("gone.txt")).unwrap();
+    fs::remove_file(merged.join(OsStr::from_bytes(b"old\xff"))).unwrap();
+    fs::write(
+        merged.join(OsStr::from_bytes(b"new\xfe")),
+        "added, not UTF-8",
+    )
+    .unwrap();
+    fs::create_dir(merged.join("big")).unwrap();
+    let offsets: Vec<u64> = (0..7).map(|i| i * (150 << 20) + 4096 * i).collect();
+    sparse_file(&merged.join("big/sparse"), 1 << 30, &offsets);
+    // Times last, so that every directory's own is known.
+    for (p, t) in [("newdir", 1_500_000_000), ("new.txt", 1_400_000_000)] {
+        let ts = nix::sys::time::TimeSpec::new(t, 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &merged.join(p),
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    }
+    let upper1 = top.join("upper1");
+    assert!(
+        matches!(xattr::get(upper1.join("data"), "trusted.overlay.opaque"), Ok(Some(v)) if v == b"y"),
+        "the kernel made /data opaque"
+    );
+
+    let ckpt = top.join("ckpt");
+    fs::create_dir(&ckpt).unwrap();
+    let stats = capture(&overlay_of(&merged).unwrap(), &ckpt).unwrap();
+    assert_eq!(stats.skipped, vec!["/tmp/app.sock (socket)".to_string()]);
+    let deleted: Vec<String> =
+        serde_json::from_slice(&fs::read(ckpt.join(DELETED_FILES)).unwrap()).unwrap();
+    for d in [
+        "/gone.txt",
+        "/data/sub/keep.txt",
+        "/data/sub/deeper",
+        "/data/other",
+    ] {
+        assert!(deleted.iter().any(|x| x == d), "{d} not in {deleted:?}");
+    }
+    let tar_bytes = fs::read(ckpt.join(ROOTFS_DIFF)).unwrap();
+    assert!(
+        tar_bytes.windows(8).any(|w| w == b".wh.old\xff"),
+        "the non-UTF-8 deletion is a whiteout entry"
+    );
+    assert!(tar_bytes.len() < 2 << 20, "{} bytes", tar_bytes.len());
+
+    let mut want = view(&merged, true);
+    want.retain(|v| v.path != b"tmp/app.sock");
+    // The socket is gone after restore: the tmp dir's mtime may differ.
+    for v in &mut want {
+        if v.path == b"tmp" {
+            v.mtime = 0;
+        }
+    }
+
+    // Restore in our order: deleted.files, then the archive.
+    let (_m2, merged2) = mount_overlay(top, &lower, "2");
+    let applied = apply(&ckpt, &merged2).unwrap();
+    assert_eq!(applied.deleted, stats.deleted, "{applied:?} {stats:?}");
+    let mut got = view(&merged2, true);
+    for v in &mut got {
+        if v.path == b"tmp" {
+            v.mtime = 0;
+        }
+    }
+    assert_eq!(want, got);
+    assert_same_contents(&merged, &merged2, &want);
+    assert!(!merged2.join("data/sub/keep.txt").exists());
+    assert_eq!(
+        fs::metadata(merged2.join("new.txt")).unwrap().ino(),
+        fs::metadata(merged2.join("hard.txt")).unwrap().ino()
+    );
+    let big = fs::metadata(merged2.join("big/sparse")).unwrap();
+    assert_eq!(big.len(), 1 << 30);
+    assert!(big.blocks() * 512 < 1 << 20, "{} blocks", big.blocks());
+
+    // Podman's order: the archive first, then deleted.files.
+    let (tar_only, del_only) = (top.join("tar-only"), top.join("del-only"));
+    fs::create_dir(&tar_only).unwrap();
+    fs::create_dir(&del_only).unwrap();
+    fs::copy(ckpt.join(ROOTFS_DIFF), tar_only.join(ROOTFS_DIFF)).unwrap();
+    fs::copy(ckpt.join(DELETED_FILES), del_only.join(DELETED_FILES)).unwrap();
+    let (_m3, merged3) = mount_overlay(top, &lower, "3");
+    apply(&tar_only, &merged3).unwrap();
+    apply(&del_only, &merged3).unwrap();
+    let mut want_no_dir_times = view(&merged, false);
+    want_no_dir_times.retain(|v| v.path != b"tmp/app.sock");
+    assert_eq!(want_no_dir_times, view(&merged3, false));
+    assert_same_contents(&merged, &merged3, &want);
+    drop(m1);
+}
+
+#[test]
+fn opaque_directories_hide_every_lower_layer_at_any_depth_and_unrestorable_entries_are_reported() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let top = tempfile::tempdir().unwrap();
+    let (upper, l1, l2) = (
+        top.path().join("upper"),
+        top.path().join("l1"),
+        top.path().join("l2"),
+    );
+    let host = top.path().join("host");
+    fs::create_dir_all(host.join("secret")).unwrap();
+    fs::create_dir_all(l1.join("data")).unwrap();
+    fs::write(l1.join("data/a"), "").unwrap();
+    // A lower symlink where the upper has a directory: never followed.
+    symlink(&host, l1.join("data/link")).unwrap();
+    fs::create_dir_all(l2.join("data/sub/deep")).unwrap();
+    fs::write(l2.join("data/b"), "").unwrap();
+    fs::write(l2.join("data/sub/c"), "").unwrap();
+    fs::write(l2.join("data/sub/deep/d"), "").unwrap();
+    fs::write(l2.join(OsStr::from_bytes(b"data/sub/n\xff")), "").unwrap();
+    fs::create_dir_all(l2.join("data/file-now")).unwrap();
+    fs::write(l2.join("data/file-now/e"), "").unwrap();
+    fs::write(l2.join("data/sock"), "").unwrap();
+    fs::create_dir_all(upper.join("data/sub/deep")).unwrap();
+    fs::create_dir_all(upper.join("data/link")).unwrap();
+    fs::write(upper.join("data/file-now"), "replaces the dir").unwrap();
+    xattr::set(upper.join("data"), "trusted.overlay.opaque", b"y").unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(upper.join("data/sock")).unwrap();
+    fs::write(upper.join(".wh.mine"), "").unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("blk"),
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(7, 0),
+    )
+    .unwrap();
+    nix::sys::stat::mknod(
+        &upper.join("chr"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let stats = capture(
+        &Overlay {
+            upper,
+            lowers: vec![l1, l2],
+        },
+        &out,
+    )
+    .unwrap();
+    let mut skipped = stats.skipped.clone();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            "/.wh.mine (its name starts with .wh., which marks a deletion in the archive)",
+            "/blk (block device)",
+            "/chr (character device)",
+            "/data/sock (socket)",
+        ]
+    );
+    let mut deleted: Vec<String> =
+        serde_json::from_slice(&fs::read(out.join(DELETED_FILES)).unwrap()).unwrap();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        [
+            "/data/a",
+            "/data/b",
+            "/data/sock",
+            "/data/sub/c",
+            "/data/sub/deep/d"
+        ]
+    );
+    let mut a = tar::Archive::new(fs::File::open(out.join(ROOTFS_DIFF)).unwrap());
+    let names: Vec<Vec<u8>> = a
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path_bytes().into_owned())
+        .collect();
+    assert!(names.contains(&b"data/sub/.wh.n\xff".to_vec()), "{names:?}");
+    assert!(!names
+        .iter()
+        .any(|n| n.starts_with(b"blk") || n.starts_with(b"chr")));
+    assert_eq!(stats.deleted, 6);
+}
+
+#[test]
+fn an_all_hole_file_is_a_sparse_entry_without_data() {
+    let top = tempfile::tempdir().unwrap();
+    let upper = top.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    sparse_file(&upper.join("holes"), 1 << 30, &[]);
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let stats = capture(
+        &Overlay {
+            upper: upper.clone(),
+            lowers: vec![],
+        },
+        &out,
+    )
+    .unwrap();
+    assert_eq!(stats.bytes, 0);
+    let gnu = top.path().join("gnu");
+    fs::create_dir(&gnu).unwrap();
+    assert!(std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(out.join(ROOTFS_DIFF))
+        .arg("-C")
+        .arg(&gnu)
+        .status()
+        .unwrap()
+        .success());
+    assert_eq!(fs::metadata(gnu.join("holes")).unwrap().len(), 1 << 30);
+    let (_t, rootfs, _) = sandbox();
+    apply(&out, &rootfs).unwrap();
+    let m = fs::metadata(rootfs.join("holes")).unwrap();
+    assert_eq!((m.len(), m.blocks()), (1 << 30, 0));
+    assert_same_sparse(&upper.join("holes"), &rootfs.join("holes"));
+}
