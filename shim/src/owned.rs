@@ -16,33 +16,6 @@ use std::{
 
 use crate::error::{Error, Result};
 
-/// Owned operations still running, for a shutdown that must not cut them off.
-static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-struct InFlight;
-
-impl InFlight {
-    fn enter() -> Self {
-        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
-        InFlight
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Waits until no owned operation runs (each rolls back or finishes on its
-/// own), polling, for at most `limit`.
-pub async fn settle(limit: std::time::Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while IN_FLIGHT.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Tells an owned operation whether its caller is still there.
 #[derive(Clone, Debug, Default)]
 pub struct Caller {
@@ -108,13 +81,7 @@ where
 {
     let caller = Caller::default();
     let guard = CallerGuard(Some(caller.gone.clone()));
-    let in_flight = InFlight::enter();
-    let op = op(caller);
-    let task = tokio::spawn(async move {
-        let result = op.await;
-        drop(in_flight);
-        result
-    });
+    let task = tokio::spawn(op(caller));
     let result = task
         .await
         .map_err(|e| Error::Internal(format!("operation task failed: {e}")))?;

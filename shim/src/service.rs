@@ -268,19 +268,11 @@ impl Service {
             debug!("shutdown ignored: containers remain");
             return;
         }
-        // An operation still running (a Create whose caller gave up, rolling
-        // back) finishes first, so that nothing it made is left behind.
-        let containers = self.containers.clone();
-        let exit = self.exit.clone();
-        tokio::spawn(async move {
-            owned::settle(crate::options::DEFAULT_CRIU_TIMEOUT).await;
-            if !now && !lock_all(&containers).is_empty() {
-                debug!("shutdown ignored: containers remain");
-                return;
-            }
-            info!("shutting down");
-            exit.signal();
-        });
+        // An operation still running here is a Create whose caller gave up:
+        // containerd's own clean-up (the `delete` action: runc delete, unmount)
+        // takes over from it once this shim is gone.
+        info!("shutting down");
+        self.exit.signal();
     }
 }
 

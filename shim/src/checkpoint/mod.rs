@@ -168,8 +168,8 @@ async fn dump_into(
     match caller.check("the checkpoint") {
         Ok(()) => match staging.commit(target) {
             Ok(()) => Ok(()),
-            Err((e, staging)) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
-            Err((e, _)) => Err(e),
+            Err(e) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
+            Err(e) => Err(e),
         },
         // The processes are gone: the images are the container now.
         Err(e) if opts.exit => Err(keep_only_copy(t.id, staging, e)),
@@ -354,18 +354,22 @@ impl Staging {
     }
 
     /// Moves every entry into `target`; on failure, what was moved is taken back.
-    fn commit(self, target: &Path) -> std::result::Result<(), (Error, Staging)> {
-        let names: Vec<_> = match fs::read_dir(&self.dir) {
-            Ok(rd) => rd.flatten().map(|e| e.file_name()).collect(),
-            Err(e) => return Err((Error::io("read staging dir")(e), self)),
-        };
+    fn commit(&self, target: &Path) -> Result<()> {
+        let names: Vec<_> = fs::read_dir(&self.dir)
+            .map_err(Error::io("read staging dir"))?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         for (i, name) in names.iter().enumerate() {
             if let Err(e) = fs::rename(self.dir.join(name), target.join(name)) {
                 for back in &names[..i] {
                     let _ = fs::rename(target.join(back), self.dir.join(back));
                 }
-                let e = Error::io(format!("move {:?} into {}", name, target.display()))(e);
-                return Err((e, self));
+                return Err(Error::io(format!(
+                    "move {:?} into {}",
+                    name,
+                    target.display()
+                ))(e));
             }
         }
         Ok(())
