@@ -315,25 +315,54 @@ fn restore_whose_caller_gives_up_custom() {
         });
 
         // Start gives up while CRIU restores 256 MiB: the container is restored and tracked.
-        api.create_container_like("src", "r2", Runtime::Custom);
-        api.create_task("r2", Some(desc.clone()), None)
-            .unwrap_or_else(|e| panic!("Create r2: {e}"));
-        let deadline = Duration::from_micros((start_ms / 2.0 * 1000.0) as u64);
-        api.set_timeout(Some(deadline));
-        let err = api
-            .start("r2", "")
-            .expect_err("Start cannot finish in half its time");
-        eprintln!("Start with a deadline of {deadline:?}: {err}");
-        api.set_timeout(None);
-        assert_gave_up(&err, "Start");
-        let t = cd.wait_task_status("r2", "RUNNING", STATE_TIMEOUT);
-        poll("r2 counts on from the checkpoint", T, || {
-            count(t.pid).filter(|c| *c > at_checkpoint).map(drop)
-        });
-        let shim = shim_pid(cd, "r2");
-        assert_settled(cd, "r2", shim, false, "a restore whose Start gave up");
+        // A deadline that turned out too late is tried again, earlier, on a new container; one
+        // so early that the request never reached the shim leaves the task created, and the
+        // next try starts it, later.
+        let mut name = "r2".to_string();
+        api.create_container_like("src", &name, Runtime::Custom);
+        api.create_task(&name, Some(desc.clone()), None)
+            .unwrap_or_else(|e| panic!("Create {name}: {e}"));
+        let mut deadline_ms = start_ms / 2.0;
+        let mut attempt = 0;
+        let t = loop {
+            attempt += 1;
+            assert!(attempt <= 8, "no deadline hit a restore in {attempt} tries");
+            let deadline = Duration::from_micros((deadline_ms * 1000.0) as u64);
+            api.set_timeout(Some(deadline));
+            let result = api.start(&name, "");
+            api.set_timeout(None);
+            match result {
+                Ok(_) => {
+                    eprintln!("Start beat a deadline of {deadline:?}: trying earlier");
+                    remove_container(cd, &name);
+                    name = format!("r2-{attempt}");
+                    api.create_container_like("src", &name, Runtime::Custom);
+                    api.create_task(&name, Some(desc.clone()), None)
+                        .unwrap_or_else(|e| panic!("Create {name}: {e}"));
+                    deadline_ms *= 0.6;
+                }
+                Err(err) => {
+                    eprintln!("Start with a deadline of {deadline:?}: {err}");
+                    assert_gave_up(&err, "Start");
+                    let running = integration::poll_until(Duration::from_secs(10), || {
+                        cd.task(&name).filter(|t| t.status == "RUNNING")
+                    });
+                    match running {
+                        Some(t) => break t,
+                        None => deadline_ms *= 1.5,
+                    }
+                }
+            }
+        };
+        poll(
+            "the restored container counts on from the checkpoint",
+            T,
+            || count(t.pid).filter(|c| *c > at_checkpoint).map(drop),
+        );
+        let shim = shim_pid(cd, &name);
+        assert_settled(cd, &name, shim, false, "a restore whose Start gave up");
 
-        for id in ["r1", "r2", "src"] {
+        for id in ["r1", name.as_str(), "src"] {
             remove_container(cd, id);
         }
     });

@@ -71,7 +71,7 @@ pub struct PendingIo {
 
 /// Pipes for a process without a terminal (copies start at once), or a console
 /// socket for one with a terminal (wired up in [`PendingIo::finish`]).
-pub fn prepare(stdio: &Stdio, owner: &IoOwner) -> Result<PendingIo> {
+pub async fn prepare(stdio: &Stdio, owner: &IoOwner) -> Result<PendingIo> {
     let (io_uid, io_gid) = (owner.uid, owner.gid);
     let io = ProcessIo::default();
     let mut child = ProcStdio::default();
@@ -89,7 +89,7 @@ pub fn prepare(stdio: &Stdio, owner: &IoOwner) -> Result<PendingIo> {
         }
         if let Some(binary) = stdio.stdout.strip_prefix("binary://") {
             // One logging process takes both streams (fd 3 and 4), as with the Go shim.
-            let (out, err) = spawn_log_binary(binary, owner)?;
+            let (out, err) = spawn_log_binary(binary, owner).await?;
             child.stdout = Some(out);
             child.stderr = Some(err);
         } else {
@@ -147,15 +147,21 @@ impl PendingIo {
                 }
             };
         };
-        let receive = tokio::spawn(async move { console.receive().await });
+        let mut receive = tokio::spawn(async move { console.receive().await });
         if let Err(e) = spawn.await {
             receive.abort();
             return Err(e);
         }
-        let master = tokio::time::timeout(CONSOLE_TIMEOUT, receive)
-            .await
-            .map_err(|_| Error::Internal("runc did not send the terminal".into()))?
-            .map_err(|e| Error::Internal(format!("console receiver: {e}")))??;
+        let master = match tokio::time::timeout(CONSOLE_TIMEOUT, &mut receive).await {
+            Ok(joined) => {
+                joined.map_err(|e| Error::Internal(format!("console receiver: {e}")))??
+            }
+            Err(_) => {
+                // The listener and its temp dir go with the task.
+                receive.abort();
+                return Err(Error::Internal("runc did not send the terminal".into()));
+            }
+        };
         let pty = Pty::new(master).map_err(Error::shim("terminal"))?;
         if !self.stdio.stdin.is_empty() {
             self.io
@@ -212,7 +218,7 @@ fn copy_to_file(mut from: Receiver, path: &str) -> Result<()> {
 
 /// `binary:///path?arg=value` log URIs: a logging program gets the process's
 /// stdout and stderr as fd 3 and 4, and closes fd 5 once it is ready.
-fn spawn_log_binary(uri: &str, owner: &IoOwner) -> Result<(OwnedFd, OwnedFd)> {
+async fn spawn_log_binary(uri: &str, owner: &IoOwner) -> Result<(OwnedFd, OwnedFd)> {
     let (io_uid, io_gid) = (owner.uid, owner.gid);
     use std::os::unix::process::CommandExt;
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
@@ -239,7 +245,13 @@ fn spawn_log_binary(uri: &str, owner: &IoOwner) -> Result<(OwnedFd, OwnedFd)> {
     unsafe {
         cmd.pre_exec(move || {
             for (i, fd) in fds.iter().enumerate() {
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                let target = 3 + i as i32;
+                if *fd == target {
+                    // dup2(fd, fd) does nothing, so the close-on-exec flag would stay.
+                    if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(*fd, target) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
@@ -251,12 +263,18 @@ fn spawn_log_binary(uri: &str, owner: &IoOwner) -> Result<(OwnedFd, OwnedFd)> {
         .spawn()
         .map_err(Error::io(format!("start logging binary {path}")))?;
     drop((out_r, err_r, ready_w));
-    // Ready once the logger closed its end of the ready pipe (or exited).
-    let mut pfd = [nix::poll::PollFd::new(
-        ready_r.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    match nix::poll::poll(&mut pfd, LOGGER_READY_TIMEOUT_MS) {
+    // Ready once the logger closed its end of the ready pipe (or exited). The
+    // wait may take seconds: off the runtime thread, so other requests go on.
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut pfd = [nix::poll::PollFd::new(
+            ready_r.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut pfd, LOGGER_READY_TIMEOUT_MS)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("logger readiness task: {e}")))?;
+    match ready {
         Ok(0) => Err(Error::Internal(format!(
             "logging binary {path} did not get ready"
         ))),

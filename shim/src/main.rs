@@ -6,6 +6,7 @@ mod checkpoint;
 mod container;
 mod error;
 mod events;
+mod info;
 mod io;
 mod options;
 mod owned;

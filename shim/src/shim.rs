@@ -10,7 +10,11 @@ use containerd_shim::{
     util::{convert_to_timestamp, write_str_to_file},
     Config, Error as ShimError, Flags, StartOpts,
 };
-use containerd_shim_protos::{api::DeleteResponse, protobuf::MessageField};
+use containerd_shim_protos::{
+    api::DeleteResponse,
+    protobuf::{well_known_types::any::Any, MessageField},
+    types::introspection::RuntimeInfo,
+};
 use log::{debug, warn};
 use time::OffsetDateTime;
 
@@ -101,6 +105,13 @@ impl Shim for CustomShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+    }
+
+    /// What containerd's RuntimeInfo (and through it the CRI) reads, as the Go
+    /// shim answers it: name, version and the configured runc's features
+    /// (`runc features`, for containerd to validate specs against).
+    fn runtime_info(runtime_id: &str, options: Option<&Any>) -> Result<RuntimeInfo, ShimError> {
+        crate::info::runtime_info(runtime_id, options)
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

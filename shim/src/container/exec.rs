@@ -19,6 +19,12 @@ impl Container {
             .require(&[Status::Running, Status::Paused], "exec in")?;
         serde_json::from_slice::<oci_spec::runtime::Process>(&spec)
             .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
+        // The request decides the terminal, as with the Go shim: a TTY exec into a
+        // container whose own process has none (and the reverse) must work.
+        let mut json: serde_json::Value = serde_json::from_slice(&spec)
+            .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
+        json["terminal"] = serde_json::Value::Bool(stdio.terminal);
+        let spec = serde_json::to_vec(&json).map_err(Error::json("encode exec process spec"))?;
         let mut execs = lock(&self.execs);
         if execs.contains_key(exec_id) {
             return Err(Error::AlreadyExists(format!(
@@ -37,6 +43,19 @@ impl Container {
         let process = self.process(exec_id)?;
         let _gate = process.start_gate.lock().await;
         process.require(&[Status::Created], "start")?;
+        // Counted as running from here: an init that exits meanwhile holds its
+        // exit until this start settles (containerd issue 10589's scenario).
+        process.set_starting(true);
+        let started = self.start_exec_now(&process).await;
+        process.set_starting(false);
+        if started.is_err() {
+            self.release_init_exit();
+        }
+        started
+    }
+
+    async fn start_exec_now(self: &Arc<Self>, process: &Arc<Process>) -> Result<i32> {
+        let exec_id = process.exec_id.as_str();
         self.init.require(&[Status::Running], "exec in")?;
         let spec_file = tempfile::Builder::new()
             .prefix(".exec-")
@@ -50,7 +69,7 @@ impl Container {
         .map_err(Error::io("write exec process file"))?;
         let pid_file = self.bundle.join(format!("{exec_id}.pid"));
         remove_quietly(&pid_file);
-        let mut pending = io::prepare(&process.stdio, &self.io_owner())?;
+        let mut pending = io::prepare(&process.stdio, &self.io_owner()).await?;
         let console = pending.console_path();
         let child = pending.take_child();
         let started = Instant::now();
@@ -73,7 +92,7 @@ impl Container {
         remove_quietly(&pid_file);
         process.set_started(pid, io);
         self.watch_exit(process.clone(), pid, started);
-        self.publish_started(&process, pid);
+        self.publish_started(process, pid);
         Ok(pid)
     }
 

@@ -63,6 +63,12 @@ impl Container {
             shared.reaper.clone(),
         )
         .with_criu_timeout(options.criu_timeout());
+        // As the Go shim reads it; a spec it cannot read means kill all (the safe side).
+        let kill_all_on_exit = std::fs::read(bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .map(|spec| super::should_kill_all_on_exit(&spec))
+            .unwrap_or(true);
         let container = Arc::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
@@ -76,6 +82,7 @@ impl Container {
             deferred_init_exit: Mutex::new(None),
             ops: tokio::sync::Mutex::new(()),
             restore: Mutex::new(None),
+            kill_all_on_exit,
         });
         let created = match checkpoint {
             // Files first: the rootfs diff is applied now, memory comes back at Start.
@@ -91,7 +98,7 @@ impl Container {
 
     async fn runc_create(self: &Arc<Self>) -> Result<()> {
         let pid_file = self.bundle.join("init.pid");
-        let mut pending = io::prepare(&self.init.stdio, &self.io_owner())?;
+        let mut pending = io::prepare(&self.init.stdio, &self.io_owner()).await?;
         let opts = CreateOpts {
             pid_file: pid_file.clone(),
             console_socket: pending.console_path(),
@@ -168,7 +175,7 @@ impl Container {
     async fn restore_init(self: &Arc<Self>, source: RestoreSource) -> Result<i32> {
         let pid_file = self.bundle.join("init.pid");
         remove_quietly(&pid_file);
-        let mut pending = io::prepare(&self.init.stdio, &self.io_owner())?;
+        let mut pending = io::prepare(&self.init.stdio, &self.io_owner()).await?;
         let opts = RestoreOpts {
             checkpoint: source.criu_opts(),
             pid_file: pid_file.clone(),
@@ -211,16 +218,22 @@ impl Container {
         let process = self.process(exec_id)?;
         if !process.is_init() {
             process.require(&[Status::Running], "kill")?;
-            let sig = nix::sys::signal::Signal::try_from(signal as i32)
-                .map_err(|_| Error::InvalidArgument(format!("invalid signal {signal}")))?;
-            return nix::sys::signal::kill(nix::unistd::Pid::from_raw(process.pid()), sig).map_err(
-                |e| match e {
-                    nix::errno::Errno::ESRCH => {
-                        Error::NotFound(format!("process already finished: {}", process.describe()))
-                    }
-                    e => Error::nix(format!("kill {}", process.describe()))(e),
-                },
-            );
+            // Any signal the kernel knows, real-time ones and 0 (a liveness probe) included.
+            if signal > libc::SIGRTMAX() as u32 {
+                return Err(Error::InvalidArgument(format!("invalid signal {signal}")));
+            }
+            // SAFETY: kill(2) with a pid this shim started and a checked signal number.
+            if unsafe { libc::kill(process.pid(), signal as i32) } == 0 {
+                return Ok(());
+            }
+            return Err(match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::ESRCH) => {
+                    Error::NotFound(format!("process already finished: {}", process.describe()))
+                }
+                _ => Error::io(format!("kill {}", process.describe()))(
+                    std::io::Error::last_os_error(),
+                ),
+            });
         }
         let status = self.init.status();
         if status == Status::Stopped && !all {

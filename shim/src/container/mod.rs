@@ -55,6 +55,20 @@ pub struct Container {
     ops: tokio::sync::Mutex<()>,
     /// Set when the container was created from a checkpoint: Start restores.
     restore: Mutex<Option<RestoreSource>>,
+    /// The spec gives the container no pid namespace of its own: what is left
+    /// when the init exits is killed.
+    kill_all_on_exit: bool,
+}
+
+/// Whether a container's processes outlive its init (Go's `ShouldKillAllOnExit`):
+/// true unless the spec asks for a new pid namespace (a "pid" entry without a path).
+pub fn should_kill_all_on_exit(spec: &serde_json::Value) -> bool {
+    let Some(namespaces) = spec["linux"]["namespaces"].as_array() else {
+        return true;
+    };
+    !namespaces.iter().any(|ns| {
+        ns["type"].as_str() == Some("pid") && ns["path"].as_str().map(str::is_empty).unwrap_or(true)
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,8 +150,18 @@ impl Container {
     fn running_execs(&self) -> usize {
         lock(&self.execs)
             .values()
-            .filter(|p| matches!(p.status(), Status::Running | Status::Paused))
+            .filter(|p| p.is_starting() || matches!(p.status(), Status::Running | Status::Paused))
             .count()
+    }
+
+    /// An exec's start settled (failed, or its exit is handled): the init's
+    /// exit, held for it, goes out once no exec is running or starting.
+    fn release_init_exit(&self) {
+        if self.running_execs() == 0 {
+            if let Some(init_status) = lock(&self.deferred_init_exit).take() {
+                self.publish_exit(&self.init, init_status);
+            }
+        }
     }
 
     /// Delivers `process`'s exit once the reaper sees pid `pid` go.
@@ -146,6 +170,18 @@ impl Container {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(status) = exit.await {
+                if process.is_init() && this.kill_all_on_exit {
+                    // A container without a pid namespace of its own (shared with a pod, or
+                    // the host's): its other processes do not die with the init, so they are
+                    // killed, as the Go shim does (ShouldKillAllOnExit), and the execs' exits
+                    // release the init's.
+                    if let Err(e) = this.runc.kill(&this.id, libc::SIGKILL as u32, true).await {
+                        warn!(
+                            "container {}: kill the rest after its init exited: {e}",
+                            this.id
+                        );
+                    }
+                }
                 let _started = process.start_gate.lock().await;
                 this.on_exit(&process, status);
             }
@@ -168,11 +204,7 @@ impl Container {
             self.publish_exit(process, status);
         } else {
             self.publish_exit(process, status);
-            if self.running_execs() == 0 {
-                if let Some(init_status) = lock(&self.deferred_init_exit).take() {
-                    self.publish_exit(&self.init, init_status);
-                }
-            }
+            self.release_init_exit();
         }
     }
 
@@ -208,5 +240,25 @@ impl Container {
             exited_at: Some(convert_to_timestamp(Some(status.at))).into(),
             ..Default::default()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::should_kill_all_on_exit;
+
+    #[test]
+    fn only_a_container_with_its_own_pid_namespace_lets_its_init_go_alone() {
+        let own =
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
+        assert!(!should_kill_all_on_exit(&own));
+        let own_empty_path =
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid", "path": ""}]}});
+        assert!(!should_kill_all_on_exit(&own_empty_path));
+        let joined = serde_json::json!({"linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}});
+        assert!(should_kill_all_on_exit(&joined));
+        let host = serde_json::json!({"linux": {"namespaces": [{"type": "mount"}]}});
+        assert!(should_kill_all_on_exit(&host));
+        assert!(should_kill_all_on_exit(&serde_json::json!({})));
     }
 }

@@ -50,6 +50,9 @@ pub struct Process {
     /// Held while the process starts: its exit is handled only after its
     /// start event is out, however fast it exits.
     pub start_gate: tokio::sync::Mutex<()>,
+    /// An exec whose Start has begun: it counts as running (the init's exit
+    /// waits for it), as with the Go shim, until the start settles.
+    starting: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -67,7 +70,17 @@ impl Process {
             }),
             exited: watch::channel(None).0,
             start_gate: tokio::sync::Mutex::new(()),
+            starting: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn set_starting(&self, starting: bool) {
+        self.starting
+            .store(starting, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_starting(&self) -> bool {
+        self.starting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_init(&self) -> bool {
