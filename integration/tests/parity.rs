@@ -289,3 +289,51 @@ fn which(program: &str) -> String {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| panic!("{program} not on PATH"))
 }
+
+both_runtimes!(runtime_info_carries_runc_features, |rt, cd| {
+    use containerd_client::services::v1::introspection_client::IntrospectionClient;
+    use containerd_client::services::v1::PluginInfoRequest;
+    use containerd_client::types::{RuntimeInfo, RuntimeRequest};
+    use prost::Message;
+    // containerd's RuntimeInfo (what the CRI reads to validate specs) runs the shim's `-info`.
+    let api = Api::connect(cd);
+    let request = RuntimeRequest {
+        runtime_path: rt.name().to_string(),
+        ..Default::default()
+    };
+    let req = api.request(PluginInfoRequest {
+        r#type: "io.containerd.runtime.v2".into(),
+        id: "task".into(),
+        options: Some(Any {
+            type_url: "containerd.types.RuntimeRequest".into(),
+            value: request.encode_to_vec(),
+        }),
+    });
+    let resp = api
+        .block_on(IntrospectionClient::new(api.channel()).plugin_info(req))
+        .unwrap_or_else(|s| panic!("Introspection.PluginInfo: {s}"))
+        .into_inner();
+    let extra = resp.extra.expect("runtime info in the response");
+    let info = RuntimeInfo::decode(extra.value.as_slice()).expect("RuntimeInfo");
+    assert_eq!(info.name, rt.name());
+    assert!(
+        info.version.as_ref().is_some_and(|v| !v.version.is_empty()),
+        "a version: {info:?}"
+    );
+    let features = info.features.expect("runc's features");
+    assert!(
+        features
+            .type_url
+            .ends_with("runtime-spec/1/features/Features"),
+        "{}",
+        features.type_url
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&features.value).expect("features are JSON");
+    let mount_options = json["mountOptions"].to_string();
+    assert!(
+        mount_options.contains("\"rro\""),
+        "runc's mount options: {mount_options}"
+    );
+    assert!(json["linux"]["namespaces"].is_array(), "{json:#}");
+});

@@ -72,6 +72,29 @@ impl Drop for CallerGuard {
     }
 }
 
+/// [`run`], waiting at most `deadline` (the request's own timeout, which the
+/// shim enforces itself rather than trust the transport to): past it the
+/// caller counts as gone and the answer is DeadlineExceeded.
+pub async fn run_within<T, Fut>(
+    deadline: Option<std::time::Duration>,
+    op: impl FnOnce(Caller) -> Fut,
+) -> Result<T>
+where
+    Fut: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let Some(deadline) = deadline else {
+        return run(op).await;
+    };
+    match tokio::time::timeout(deadline, run(op)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::DeadlineExceeded(format!(
+            "the caller's deadline ({deadline:?}) passed; the operation is rolled back or \
+             finished on its own"
+        ))),
+    }
+}
+
 /// Runs `op` in a task of its own and waits for it. If the waiting future is
 /// dropped, `op` goes on and sees [`Caller::gone`].
 pub async fn run<T, Fut>(op: impl FnOnce(Caller) -> Fut) -> Result<T>
@@ -109,6 +132,19 @@ mod tests {
             rx.await.unwrap(),
             "the operation must see that its caller left"
         );
+    }
+
+    #[tokio::test]
+    async fn a_deadline_is_enforced_by_the_shim_itself() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let r = run_within(Some(Duration::from_millis(5)), |caller| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = tx.send(caller.gone());
+            Ok(())
+        })
+        .await;
+        assert!(matches!(r, Err(Error::DeadlineExceeded(_))), "{r:?}");
+        assert!(rx.await.unwrap());
     }
 
     #[tokio::test]

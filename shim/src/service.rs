@@ -32,9 +32,14 @@ type TtrpcResult<T> = std::result::Result<T, ttrpc::Error>;
 
 type Containers = Arc<Mutex<HashMap<String, Arc<Container>>>>;
 
+/// Creates under way, by container id: held by the owned create until it
+/// registered the container or took it back.
+type Creating = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
 pub struct Service {
     shared: Shared,
     containers: Containers,
+    creating: Creating,
     exit: Arc<ExitSignal>,
 }
 
@@ -47,12 +52,17 @@ impl Service {
         Self {
             shared,
             containers: Arc::new(Mutex::new(HashMap::new())),
+            creating: Arc::new(Mutex::new(HashMap::new())),
             exit,
         }
     }
 
     fn containers(&self) -> MutexGuard<'_, HashMap<String, Arc<Container>>> {
         lock_all(&self.containers)
+    }
+
+    fn creating(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+        self.creating.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get(&self, id: &str) -> Result<Arc<Container>> {
@@ -62,13 +72,17 @@ impl Service {
             .ok_or_else(|| Error::NotFound(format!("container {id}")))
     }
 
-    async fn do_create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+    async fn do_create(
+        &self,
+        req: api::CreateTaskRequest,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<api::CreateTaskResponse> {
         if req.id.is_empty() {
             return Err(Error::InvalidArgument(
                 "container id must not be empty".into(),
             ));
         }
-        if self.containers().contains_key(&req.id) {
+        if self.containers().contains_key(&req.id) || self.creating().contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!("container {}", req.id)));
         }
         let options = RuntimeOptions::from_any(req.options.as_ref())?;
@@ -89,9 +103,21 @@ impl Service {
         };
         let shared = self.shared.clone();
         let containers = self.containers.clone();
+        // A Delete that comes for this id while it is being created (containerd
+        // cleaning up after a Create whose caller gave up) waits for this gate:
+        // by then the container is registered, or taken back and unmounted.
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let held = gate.clone().lock_owned().await;
+        self.creating().insert(req.id.clone(), gate);
+        let creating = CreatingEntry {
+            all: self.creating.clone(),
+            id: req.id.clone(),
+            _held: held,
+        };
         // Owned: a caller that gives up mid-way gets nothing half-made (the
         // container is taken back), and one that waits gets it whole.
-        owned::run(move |caller| async move {
+        owned::run_within(deadline, move |caller| async move {
+            let _creating = creating;
             let container = Container::create(shared.clone(), cfg).await?;
             if let Err(e) = caller.check("the create") {
                 container.abandon().await;
@@ -157,6 +183,11 @@ impl Service {
     }
 
     async fn do_delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse> {
+        let gate = self.creating().get(&req.id).cloned();
+        if let Some(gate) = gate {
+            // Still being created: let it end first (registered, or taken back).
+            drop(gate.lock().await);
+        }
         let c = self.get(&req.id)?;
         let process = if req.exec_id.is_empty() {
             c.delete_init().await?;
@@ -276,6 +307,27 @@ impl Service {
     }
 }
 
+/// An entry of [`Creating`], gone with the owned create that holds it.
+struct CreatingEntry {
+    all: Creating,
+    id: String,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for CreatingEntry {
+    fn drop(&mut self) {
+        self.all
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The request's own timeout, if the client set one.
+fn deadline(ctx: &TtrpcContext) -> Option<std::time::Duration> {
+    (ctx.timeout_nano > 0).then(|| std::time::Duration::from_nanos(ctx.timeout_nano as u64))
+}
+
 fn empty<T>(r: Result<T>) -> TtrpcResult<Empty> {
     r.map(|_| Empty::new()).map_err(log_error)
 }
@@ -289,11 +341,11 @@ fn log_error(e: Error) -> ttrpc::Error {
 impl Task for Service {
     async fn create(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         debug!("create {}", req.id);
-        self.do_create(req).await.map_err(log_error)
+        self.do_create(req, deadline(ctx)).await.map_err(log_error)
     }
 
     async fn start(
@@ -360,14 +412,15 @@ impl Task for Service {
 
     async fn checkpoint(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<Empty> {
         debug!("checkpoint {} to {}", req.id, req.path);
         let r = async {
             let c = self.get(&req.id)?;
             let opts = CheckpointOptions::from_any(req.options.as_ref())?;
-            c.checkpoint(PathBuf::from(&req.path), opts).await
+            c.checkpoint(PathBuf::from(&req.path), opts, deadline(ctx))
+                .await
         };
         empty(r.await)
     }

@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 use super::{lock, Container, Status};
 use crate::{
     checkpoint::{self, RestoreSource, Target},
-    error::Result,
+    error::{Error, Result},
     options::CheckpointOptions,
     owned,
 };
@@ -33,12 +33,21 @@ impl Container {
         self: &Arc<Self>,
         path: PathBuf,
         opts: CheckpointOptions,
+        deadline: Option<std::time::Duration>,
     ) -> Result<()> {
         let this = self.clone();
         // Seen now, in the request: a target that was there and is gone later
         // was removed by a caller that gave up (containerd removes its temp dir).
         let existed = path.is_dir();
-        owned::run(move |caller| async move {
+        if !existed && opts.image_path.is_empty() && !path.as_os_str().is_empty() {
+            // containerd makes the directory before it asks: gone already means
+            // its caller gave up before the request got here. Never make it anew.
+            return Err(Error::FailedPrecondition(format!(
+                "checkpoint path {} does not exist (its caller gave up?); nothing was done",
+                path.display()
+            )));
+        }
+        owned::run_within(deadline, move |caller| async move {
             let _op = this.ops.lock().await;
             caller.check("the checkpoint")?;
             let status = this
