@@ -21,7 +21,7 @@ use std::{
 
 use tar::{EntryType, Header};
 
-use super::{fsat, sparse, DiffStats};
+use super::{fsat, limits, sparse, DiffStats};
 use crate::{
     checkpoint::layout::{DELETED_FILES, ROOTFS_DIFF},
     error::{Error, Result},
@@ -229,14 +229,33 @@ impl Root {
     }
 }
 
+/// `deleted.files`, bounded, if the checkpoint has one.
+fn read_deleted_files(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let Some(file) = limits::open_regular(path)? else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    file.take(limits::MAX_DELETED_FILES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(Error::io(format!("read {}", path.display())))?;
+    if bytes.len() as u64 > limits::MAX_DELETED_FILES {
+        return Err(Error::InvalidArgument(format!(
+            "{DELETED_FILES} is larger than {} bytes",
+            limits::MAX_DELETED_FILES
+        )));
+    }
+    Ok(Some(bytes))
+}
+
 /// Applies a checkpoint's `deleted.files` then `rootfs-diff.tar` (either may
 /// be missing: a checkpoint of the Go shim has neither) to `rootfs`.
 pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
     let root = Root::open(rootfs)?;
     let mut stats = DiffStats::default();
     let del_path = dir.join(DELETED_FILES);
-    match std::fs::read(&del_path) {
-        Ok(bytes) => {
+    match read_deleted_files(&del_path) {
+        Ok(Some(bytes)) => {
             let list: Vec<String> = serde_json::from_slice(&bytes)
                 .map_err(|e| Error::InvalidArgument(format!("{DELETED_FILES}: {e}")))?;
             for name in list {
@@ -245,15 +264,15 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                 stats.deleted += 1;
             }
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("read {}", del_path.display()))(e)),
+        Ok(None) => {}
+        Err(e) => return Err(e),
     }
     let tar_path = dir.join(ROOTFS_DIFF);
-    let file = match File::open(&tar_path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(stats),
-        Err(e) => return Err(Error::io(format!("open {}", tar_path.display()))(e)),
+    let Some(file) = limits::open_regular(&tar_path)? else {
+        return Ok(stats);
     };
+    // What the tar reader would hold in memory whole is bounded first.
+    limits::check_archive(&file)?;
     // File data is copied in the kernel straight from the archive (see
     // `copy_data`): a second handle for that, and a seeking iterator that
     // skips over the data instead of reading it.

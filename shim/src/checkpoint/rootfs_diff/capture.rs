@@ -222,8 +222,11 @@ impl Capture<'_> {
             let f = File::open(full)?;
             let size = meta.len();
             let sparse = meta.blocks().saturating_mul(512) < size;
+            // A file in more pieces than a restore accepts is stored whole.
             let segments = if sparse {
-                sparse::data_segments(&f, size).ok()
+                sparse::data_segments(&f, size)
+                    .ok()
+                    .filter(|s| s.len() <= super::limits::MAX_SPARSE_SEGMENTS)
             } else {
                 None
             };

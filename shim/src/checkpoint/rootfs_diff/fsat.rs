@@ -30,7 +30,12 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io:
     // SAFETY: open_how is plain data; zeroed is its documented initial value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // NO_XDEV: nothing is mounted inside a rootfs being restored; a mount
+    // there is not the checkpoint's to write into or remove from.
+    how.resolve = libc::RESOLVE_BENEATH
+        | libc::RESOLVE_NO_SYMLINKS
+        | libc::RESOLVE_NO_MAGICLINKS
+        | libc::RESOLVE_NO_XDEV;
     loop {
         // SAFETY: the path is NUL-terminated, `how` lives across the call.
         let fd = unsafe {

@@ -5,6 +5,7 @@
 mod apply;
 mod capture;
 mod fsat;
+mod limits;
 mod sparse;
 #[cfg(test)]
 mod tests;

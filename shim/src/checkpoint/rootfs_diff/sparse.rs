@@ -190,9 +190,7 @@ impl Map {
     }
 }
 
-/// Most extended blocks one entry may have (21 segments each): bounds the
-/// work a hostile map can ask for.
-const MAX_EXT_BLOCKS: u64 = 1 << 16;
+use super::limits::MAX_EXT_BLOCKS;
 
 /// Reads the sparse map of the entry whose header is at `header_pos`, and
 /// checks it: segments in order, not overlapping, inside the real size, their
