@@ -20,7 +20,7 @@ use integration::faults::{
     remove_container, run_with, runtime_dir, shim_pid, wait_count_advances, Api, CheckpointOptions,
     Daemon, COUNTER,
 };
-use integration::{poll, run_scenario, Containerd, Runtime, STATE_TIMEOUT};
+use integration::{poll, run_scenario, Containerd, Runtime};
 
 const T: Duration = Duration::from_secs(60);
 
