@@ -11,7 +11,7 @@ IMAGE_TAR := target/test-image/shimtest.tar
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.1 (built from Debian source), busybox-static, protoc
+deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.2 (built from Debian source), busybox-static, protoc
 	bash scripts/install-deps.sh
 
 build: ## build the shim (debug, with the test-only switches of src/test_hooks.rs) — what the tests use

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing containerd-shim-custom-v2 needs on a fresh Debian bookworm
-# machine: containerd 2.x (sid), runc, CRIU >= 4.1 built from Debian's source package, busybox-static,
+# machine: containerd 2.x (sid), runc, CRIU >= 4.2 built from Debian's source package, busybox-static,
 # protoc. Idempotent: each step checks first and says what it does.
 set -euo pipefail
 
@@ -66,7 +66,9 @@ say "containerd: $(containerd --version)"
 install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux build-essential
 say "runc: $(runc --version | head -1)"
 
-CRIU_VERSION_MIN=4.1
+# 4.2: on Linux >= 6.16 CRIU 4.1 cannot dump TCP sockets (SO_PASSCRED/SO_PASSSEC refused), and it
+# runs a config-file action script twice.
+CRIU_VERSION_MIN=4.2
 criu_ok() {
   command -v criu >/dev/null || return 1
   local v; v=$(criu --version 2>/dev/null | awk '/Version/{print $2}')
@@ -74,7 +76,7 @@ criu_ok() {
 }
 
 if ! criu_ok; then
-  say "building CRIU >= $CRIU_VERSION_MIN from Debian's trixie source package"
+  say "building CRIU >= $CRIU_VERSION_MIN from Debian's sid source package"
   install_pkgs build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
     python3-protobuf libnl-3-dev libnet1-dev libcap-dev libbsd-dev pkg-config libnftables-dev \
     libgnutls28-dev uuid-dev libaio-dev
@@ -82,7 +84,7 @@ if ! criu_ok; then
   work=$(mktemp -d /tmp/criu-build.XXXXXX)
   (
     cd "$work"
-    apt-get source --download-only criu/trixie >/dev/null 2>&1 || true
+    apt-get source --download-only criu/sid >/dev/null 2>&1 || true
     orig=$(ls criu_*.orig.tar.* 2>/dev/null | head -1)
     [ -n "$orig" ] || { echo "[deps] could not download CRIU source" >&2; exit 1; }
     # The checksum comes from the signed Sources index (the .dsc itself may be missing upstream).

@@ -794,6 +794,20 @@ fn captured_files_restore_whole_custom() {
             "the socket is not restored"
         );
         wait_count_advances(r, "the restored counter");
+        // Restored: nothing of the checkpoint is kept with the container (no image copy, no
+        // CRIU work dir, no links).
+        let bundle = cd.bundle_dir("files2");
+        for name in [
+            "checkpoint",
+            "checkpoint-images",
+            "checkpoint-parent",
+            "criu-restore",
+        ] {
+            assert!(
+                !bundle.join(name).exists(),
+                "{name} kept in the bundle of a restored container"
+            );
+        }
         remove_container(cd, "files2");
         remove_container(cd, "files");
     });

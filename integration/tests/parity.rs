@@ -337,3 +337,54 @@ both_runtimes!(runtime_info_carries_runc_features, |rt, cd| {
     );
     assert!(json["linux"]["namespaces"].is_array(), "{json:#}");
 });
+
+/// A shim serving a pod runs in its first container's bundle. When that container is deleted
+/// first, the shim's socket must still go when the shim exits (the crate looks for it through a
+/// file in that bundle, which is gone by then).
+#[test]
+fn a_pod_shim_removes_its_socket_whatever_order_its_containers_go_custom() {
+    integration::run_scenario(Runtime::Custom, |rt, cd| {
+        let group = "io.containerd.runc.v2.group=pod2";
+        run_with(
+            cd,
+            rt,
+            "first",
+            &["--annotation", group],
+            &["sleep", "100000"],
+        );
+        run_with(
+            cd,
+            rt,
+            "second",
+            &["--annotation", group],
+            &["sleep", "100001"],
+        );
+        let shim = shim_pid(cd, "first");
+        let argv: Vec<String> = fs::read(format!("/proc/{shim}/cmdline"))
+            .expect("shim cmdline")
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let socket = argv
+            .iter()
+            .position(|a| a == "-socket")
+            .and_then(|i| argv.get(i + 1))
+            .expect("-socket in the shim's argv")
+            .trim_start_matches("unix://")
+            .to_string();
+        assert!(std::path::Path::new(&socket).exists(), "{socket}");
+        // The first container (the shim's own bundle) goes first.
+        cd.kill("first", "SIGKILL");
+        cd.wait_task_status("first", "STOPPED", STATE_TIMEOUT);
+        cd.ctr_ok(["tasks", "delete", "first"]);
+        cd.ctr_ok(["containers", "delete", "first"]);
+        remove_container(cd, "second");
+        poll("the pod's shim to exit", T, || {
+            (!integration::host::alive(shim)).then_some(())
+        });
+        assert!(
+            !std::path::Path::new(&socket).exists(),
+            "the shim's socket {socket} was left behind"
+        );
+    });
+}

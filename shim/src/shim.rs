@@ -37,6 +37,8 @@ pub struct CustomShim {
     id: String,
     namespace: String,
     bundle: String,
+    /// The ttrpc socket this shim serves (`-socket unix:///run/containerd/s/...`).
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -49,6 +51,7 @@ impl Shim for CustomShim {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
             bundle: args.bundle.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -105,6 +108,10 @@ impl Shim for CustomShim {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The crate removes the socket named in the bundle's `address` file, but
+        // a shim serving a pod runs in its first container's bundle, which is
+        // gone once that container was deleted: remove it by what we were given.
+        remove_socket_file(&self.socket);
     }
 
     /// What containerd's RuntimeInfo (and through it the CRI) reads, as the Go
@@ -166,6 +173,22 @@ fn release_from_checkpoint(runc_root: &Path, id: &str) {
     }
 }
 
+/// Removes the unix socket at `address` (`unix://PATH` or a path), if it is one.
+fn remove_socket_file(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    if path.is_empty() {
+        return;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("remove socket {path}: {e}");
+            }
+        }
+    }
+}
+
 /// The grouping annotation of the bundle's spec, if any.
 fn group_of(config: &Path) -> Option<String> {
     let bytes = std::fs::read(config).ok()?;
@@ -179,6 +202,20 @@ fn group_of(config: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_socket_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        remove_socket_file(&format!("unix://{}", file.display()));
+        assert!(file.exists(), "a regular file is not ours to remove");
+        remove_socket_file(&format!("unix://{}", sock.display()));
+        assert!(!sock.exists());
+        remove_socket_file("");
+    }
 
     #[test]
     fn sandbox_annotation_groups_containers() {
