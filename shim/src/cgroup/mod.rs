@@ -20,6 +20,43 @@ pub struct ContainerCgroup {
     pub memory_v1: Option<PathBuf>,
     /// The v2 cgroup, on hosts where runc uses cgroup v2 alone.
     pub v2: Option<PathBuf>,
+    /// Every v1 controller's cgroup, by controller name (for the metrics).
+    pub v1: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl ContainerCgroup {
+    /// The container's cgroup as containerd-shim's metrics collectors take it.
+    pub fn for_metrics(&self) -> Result<cgroups_rs::fs::Cgroup> {
+        use cgroups_rs::fs::{hierarchies, Cgroup};
+        let hier = hierarchies::auto();
+        if let Some(dir) = &self.v2 {
+            let rel = dir.strip_prefix(hier.root()).map_err(|_| {
+                Error::Internal(format!(
+                    "cgroup {} is not under the cgroup2 mount {}",
+                    dir.display(),
+                    hier.root().display()
+                ))
+            })?;
+            return Ok(Cgroup::load(hier, rel));
+        }
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(Error::io("read mountinfo"))?;
+        let mut relative = std::collections::HashMap::new();
+        for (controller, abs) in &self.v1 {
+            if let Some(rel) = v1_mount(&mountinfo, controller).and_then(|m| {
+                abs.strip_prefix(m)
+                    .ok()
+                    .map(|r| format!("/{}", r.display()))
+            }) {
+                relative.insert(controller.clone(), rel);
+            }
+        }
+        Ok(Cgroup::load_with_relative_paths(
+            hier,
+            Path::new("."),
+            relative,
+        ))
+    }
 }
 
 /// The cgroups of container `id` in runc's state under `runc_root`.
@@ -46,10 +83,17 @@ fn from_runc_state(bytes: &[u8]) -> Option<ContainerCgroup> {
     };
     let unified = path("");
     if let Some(freezer) = path("freezer") {
+        let v1 = paths
+            .as_object()?
+            .iter()
+            .filter(|(k, _)| !k.is_empty())
+            .filter_map(|(k, v)| Some((k.clone(), PathBuf::from(v.as_str()?))))
+            .collect();
         return Some(ContainerCgroup {
             freezer: Freezer::V1(freezer),
             memory_v1: path("memory"),
             v2: None,
+            v1,
         });
     }
     let v2 = unified?;
@@ -57,6 +101,7 @@ fn from_runc_state(bytes: &[u8]) -> Option<ContainerCgroup> {
         freezer: Freezer::V2(v2.clone()),
         memory_v1: None,
         v2: Some(v2),
+        v1: Default::default(),
     })
 }
 
@@ -168,6 +213,7 @@ mod tests {
             cg.memory_v1,
             Some(PathBuf::from("/sys/fs/cgroup/memory/default/c1"))
         );
+        assert_eq!(cg.v1.len(), 2, "every v1 controller: {:?}", cg.v1);
         let unified = br#"{"cgroup_paths":{"":"/sys/fs/cgroup/k8s/pod/c1"}}"#;
         let cg = from_runc_state(unified).unwrap();
         assert_eq!(cg.freezer, Freezer::V2("/sys/fs/cgroup/k8s/pod/c1".into()));

@@ -323,7 +323,11 @@ impl Container {
                 self.init.describe()
             )));
         }
-        let cgroup = get_cgroup(pid as u32).map_err(Error::shim("find cgroup"))?;
+        // The container's own cgroup, from runc's state (the init's only if it names none).
+        let cgroup = match crate::cgroup::of_container(&self.runc.root, &self.id) {
+            Ok(cg) => cg.for_metrics()?,
+            Err(_) => get_cgroup(pid as u32).map_err(Error::shim("find cgroup"))?,
+        };
         let any = if cgroup.v2() {
             convert_to_any(Box::new(
                 collect_metrics_v2(&cgroup).map_err(Error::shim("collect cgroup v2 metrics"))?,
@@ -332,7 +336,11 @@ impl Container {
             let mut metrics =
                 collect_metrics(&cgroup).map_err(Error::shim("collect cgroup metrics"))?;
             // The collector leaves the limit out; containerd's clients show it.
-            if let Some(limit) = crate::cgroup::v1_memory_of(pid)
+            let memory = crate::cgroup::of_container(&self.runc.root, &self.id)
+                .ok()
+                .and_then(|cg| cg.memory_v1)
+                .or_else(|| crate::cgroup::v1_memory_of(pid));
+            if let Some(limit) = memory
                 .and_then(|m| std::fs::read_to_string(m.join("memory.limit_in_bytes")).ok())
                 .and_then(|t| t.trim().parse::<u64>().ok())
             {
