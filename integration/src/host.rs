@@ -304,3 +304,14 @@ pub fn find_named(root: &Path, name: &str) -> Vec<PathBuf> {
     walk(root, name, &mut out, 0);
     out
 }
+
+/// The path of `program` on `PATH` (panics when it is not there: the tests need it).
+pub fn which(program: &str) -> String {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| panic!("{program} not on PATH"))
+}

@@ -34,6 +34,16 @@ fn heavy_script() -> String {
     )
 }
 
+/// Waits until [`heavy_script`] has written its whole /ballast.
+fn wait_ballast(pid: u32) {
+    poll("the ballast written", T, || {
+        fs::metadata(format!("/proc/{pid}/root/ballast"))
+            .ok()
+            .filter(|m| m.len() == 256 << 20)
+            .map(drop)
+    });
+}
+
 /// The task is RUNNING, its cgroup THAWED, its counter moving.
 fn assert_running_and_thawed(cd: &Containerd, id: &str, pid: u32, what: &str) {
     poll(format!("{what}: {id} RUNNING and THAWED"), T, || {
@@ -108,12 +118,7 @@ fn checkpoint_deadline_at_every_moment_custom() {
         daemon.restart_with_private_runtime_dir();
         let id = "late";
         let pid = run_with(cd, rt, id, &[], &["sh", "-c", &heavy_script()]);
-        poll("the ballast written", T, || {
-            fs::metadata(format!("/proc/{pid}/root/ballast"))
-                .ok()
-                .filter(|m| m.len() == 256 << 20)
-                .map(drop)
-        });
+        wait_ballast(pid);
         wait_count_advances(pid, "before");
         let shim = shim_pid(cd, id);
         let mut api = Api::connect(cd);
@@ -174,7 +179,7 @@ fn checkpoint_deadline_at_every_moment_custom() {
 fn checkpoint_past_criu_timeout_is_killed_and_rolled_back_custom() {
     run_scenario(Runtime::Custom, |rt, cd| {
         // A runc that takes forever to checkpoint (the shim must kill it and what it started).
-        let runc = which("runc");
+        let runc = integration::host::which("runc");
         let wrapper = cd.dir().join("slow-runc");
         fs::write(
             &wrapper,
@@ -232,12 +237,7 @@ fn restore_whose_caller_gives_up_custom() {
         let mut daemon = Daemon::new(cd);
         daemon.restart_with_private_runtime_dir();
         let pid = run_with(cd, rt, "src", &[], &["sh", "-c", &heavy_script()]);
-        poll("the ballast written", T, || {
-            fs::metadata(format!("/proc/{pid}/root/ballast"))
-                .ok()
-                .filter(|m| m.len() == 256 << 20)
-                .map(drop)
-        });
+        wait_ballast(pid);
         wait_count_advances(pid, "before");
         let mut api = Api::connect(cd);
         api.use_new_lease("restore-deadlines");
@@ -366,14 +366,4 @@ fn restore_whose_caller_gives_up_custom() {
             remove_container(cd, id);
         }
     });
-}
-
-fn which(program: &str) -> String {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(program))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| panic!("{program} not on PATH"))
 }

@@ -762,17 +762,7 @@ fn captured_files_restore_whole_custom() {
             .restore_as_new("files", "files2", Runtime::Custom, &desc)
             .unwrap_or_else(|e| panic!("restore: {e}"));
         let root = format!("/proc/{r}/root");
-        let names = |d: &str| -> Vec<String> {
-            let mut v: Vec<String> = fs::read_dir(format!("{root}{d}"))
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        };
+        let names = |d: &str| list_dir(Path::new(&format!("{root}{d}")));
         assert_eq!(names("/data"), vec!["sub"], "/data after restore");
         assert_eq!(
             names("/data/sub"),

@@ -162,7 +162,7 @@ both_runtimes!(exec_takes_any_signal, |rt, cd| {
 
 both_runtimes!(a_starting_exec_holds_the_init_exit, |rt, cd| {
     // A runc whose `exec` takes 3 s to get going: the init is killed while an exec starts.
-    let runc = which("runc");
+    let runc = integration::host::which("runc");
     let wrapper = cd.dir().join("slow-exec-runc");
     fs::write(
         &wrapper,
@@ -279,16 +279,6 @@ both_runtimes!(a_pod_shim_answers_while_a_sibling_is_restored, |rt, cd| {
         remove_container(cd, id);
     }
 });
-
-fn which(program: &str) -> String {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|d| std::path::Path::new(d).join(program))
-        .find(|p| p.is_file())
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| panic!("{program} not on PATH"))
-}
 
 both_runtimes!(runtime_info_carries_runc_features, |rt, cd| {
     use containerd_client::services::v1::introspection_client::IntrospectionClient;
