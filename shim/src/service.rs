@@ -65,6 +65,29 @@ impl Service {
         self.creating.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Claims `id` for a create, atomically against other creates and the
+    /// containers already there. A Delete that comes for it meanwhile
+    /// (containerd cleaning up after a Create whose caller gave up) waits for
+    /// the claim to go: by then the container is registered, or taken back
+    /// and unmounted.
+    fn claim_create(&self, id: &str) -> Result<CreatingEntry> {
+        let mut creating = self.creating();
+        if creating.contains_key(id) || self.containers().contains_key(id) {
+            return Err(Error::AlreadyExists(format!("container {id}")));
+        }
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
+        let held = gate
+            .clone()
+            .try_lock_owned()
+            .map_err(|e| Error::Internal(format!("claim container {id}: {e}")))?;
+        creating.insert(id.to_string(), gate);
+        Ok(CreatingEntry {
+            all: self.creating.clone(),
+            id: id.to_string(),
+            _held: held,
+        })
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Container>> {
         self.containers()
             .get(id)
@@ -82,9 +105,7 @@ impl Service {
                 "container id must not be empty".into(),
             ));
         }
-        if self.containers().contains_key(&req.id) || self.creating().contains_key(&req.id) {
-            return Err(Error::AlreadyExists(format!("container {}", req.id)));
-        }
+        let creating = self.claim_create(&req.id)?;
         let options = RuntimeOptions::from_any(req.options.as_ref())?;
         let checkpoint = Some(req.checkpoint.clone())
             .filter(|c| !c.is_empty())
@@ -103,17 +124,6 @@ impl Service {
         };
         let shared = self.shared.clone();
         let containers = self.containers.clone();
-        // A Delete that comes for this id while it is being created (containerd
-        // cleaning up after a Create whose caller gave up) waits for this gate:
-        // by then the container is registered, or taken back and unmounted.
-        let gate = Arc::new(tokio::sync::Mutex::new(()));
-        let held = gate.clone().lock_owned().await;
-        self.creating().insert(req.id.clone(), gate);
-        let creating = CreatingEntry {
-            all: self.creating.clone(),
-            id: req.id.clone(),
-            _held: held,
-        };
         // Owned: a caller that gives up mid-way gets nothing half-made (the
         // container is taken back), and one that waits gets it whole.
         owned::run_within(deadline, move |caller| async move {
@@ -124,18 +134,8 @@ impl Service {
                 return Err(e);
             }
             let pid = container.init().pid();
-            let taken = {
-                let mut all = lock_all(&containers);
-                let taken = all.contains_key(&req.id);
-                if !taken {
-                    all.insert(req.id.clone(), container.clone());
-                }
-                taken
-            };
-            if taken {
-                container.abandon().await;
-                return Err(Error::AlreadyExists(format!("container {}", req.id)));
-            }
+            // The claim keeps the id free: no other create can take it meanwhile.
+            lock_all(&containers).insert(req.id.clone(), container.clone());
             if pid != 0 {
                 container.watch_oom();
             }

@@ -106,19 +106,18 @@ fn ms(d: Duration) -> f64 {
 /// no partial files, and a caller that gives up and removes the target takes
 /// none of an `exit` checkpoint's images with it.
 ///
-/// `path_existed` says whether `path` was there when the request came: if it
-/// vanishes meanwhile, its caller removed it on giving up, and it is never
-/// made anew (nor filled).
+/// `path` is the caller's own directory, there when it asked (the container
+/// refuses a request whose path is gone already): if it vanishes meanwhile,
+/// its caller removed it on giving up, and it is never made anew (nor filled).
 pub async fn dump(
     t: &Target<'_>,
     path: &Path,
-    path_existed: bool,
     opts: &CheckpointOptions,
     status: Status,
     caller: &Caller,
 ) -> Result<()> {
     let (target, watched) = if opts.image_path.is_empty() {
-        (path.to_path_buf(), path_existed)
+        (path.to_path_buf(), true)
     } else {
         (PathBuf::from(&opts.image_path), false)
     };

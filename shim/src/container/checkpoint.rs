@@ -36,12 +36,11 @@ impl Container {
         deadline: Option<std::time::Duration>,
     ) -> Result<()> {
         let this = self.clone();
-        // Seen now, in the request: a target that was there and is gone later
-        // was removed by a caller that gave up (containerd removes its temp dir).
-        let existed = path.is_dir();
-        if !existed && opts.image_path.is_empty() && !path.as_os_str().is_empty() {
-            // containerd makes the directory before it asks: gone already means
-            // its caller gave up before the request got here. Never make it anew.
+        // Seen now, in the request: containerd makes the directory before it
+        // asks, and removes it when its caller gives up.
+        if opts.image_path.is_empty() && !path.as_os_str().is_empty() && !path.is_dir() {
+            // Gone already: its caller gave up before the request got here.
+            // Never make it anew.
             return Err(Error::FailedPrecondition(format!(
                 "checkpoint path {} does not exist (its caller gave up?); nothing was done",
                 path.display()
@@ -53,7 +52,7 @@ impl Container {
             let status = this
                 .init
                 .require(&[Status::Running, Status::Paused], "checkpoint")?;
-            checkpoint::dump(&this.target(), &path, existed, &opts, status, &caller).await
+            checkpoint::dump(&this.target(), &path, &opts, status, &caller).await
         })
         .await
     }

@@ -118,17 +118,23 @@ impl Container {
                 return Err(e);
             }
         };
-        let pid = match read_pid_file(&pid_file).await {
-            Ok(pid) => pid,
-            Err(e) => {
-                io.tasks.abort().await;
-                let _ = self.runc.delete(&self.id, true).await;
-                return Err(e);
-            }
-        };
+        let pid = self.pid_or_undo(&pid_file, &io).await?;
         self.init.set_created(pid, io);
         self.watch_exit(self.init.clone(), pid, started);
         Ok(())
+    }
+
+    /// The init's pid from the file runc wrote; without one, its stdio and
+    /// runc's container are undone.
+    async fn pid_or_undo(&self, pid_file: &Path, io: &io::ProcessIo) -> Result<i32> {
+        match read_pid_file(pid_file).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                io.tasks.abort().await;
+                let _ = self.runc.delete(&self.id, true).await;
+                Err(e)
+            }
+        }
     }
 
     /// Takes back a container that was created but that nobody will track
@@ -138,6 +144,12 @@ impl Container {
         if self.init.pid() != 0 {
             let _ = self.runc.delete(&self.id, true).await;
         }
+        self.release().await;
+    }
+
+    /// What the shim holds for the init once runc's container is gone: its
+    /// stdio, a restore that will not happen, the rootfs it mounted.
+    async fn release(&self) {
         if let Some(io) = self.init.io() {
             io.tasks.shutdown().await;
         }
@@ -197,11 +209,9 @@ impl Container {
                 return Err(e);
             }
         };
-        let pid = match read_pid_file(&pid_file).await {
+        let pid = match self.pid_or_undo(&pid_file, &io).await {
             Ok(pid) => pid,
             Err(e) => {
-                io.tasks.abort().await;
-                let _ = self.runc.delete(&self.id, true).await;
                 *super::lock(&self.restore) = Some(source);
                 return Err(e);
             }
@@ -324,9 +334,10 @@ impl Container {
             )));
         }
         // The container's own cgroup, from runc's state (the init's only if it names none).
-        let cgroup = match crate::cgroup::of_container(&self.runc.root, &self.id) {
-            Ok(cg) => cg.for_metrics()?,
-            Err(_) => get_cgroup(pid as u32).map_err(Error::shim("find cgroup"))?,
+        let own = crate::cgroup::of_container(&self.runc.root, &self.id).ok();
+        let cgroup = match &own {
+            Some(cg) => cg.for_metrics()?,
+            None => get_cgroup(pid as u32).map_err(Error::shim("find cgroup"))?,
         };
         let any = if cgroup.v2() {
             convert_to_any(Box::new(
@@ -336,10 +347,10 @@ impl Container {
             let mut metrics =
                 collect_metrics(&cgroup).map_err(Error::shim("collect cgroup metrics"))?;
             // The collector leaves the limit out; containerd's clients show it.
-            let memory = crate::cgroup::of_container(&self.runc.root, &self.id)
-                .ok()
-                .and_then(|cg| cg.memory_v1)
-                .or_else(|| crate::cgroup::v1_memory_of(pid));
+            let memory = match own {
+                Some(cg) => cg.memory_v1,
+                None => crate::cgroup::v1_memory_of(pid),
+            };
             if let Some(limit) = memory
                 .and_then(|m| std::fs::read_to_string(m.join("memory.limit_in_bytes")).ok())
                 .and_then(|t| t.trim().parse::<u64>().ok())
@@ -367,13 +378,7 @@ impl Container {
                 }
             }
         }
-        if let Some(io) = self.init.io() {
-            io.tasks.shutdown().await;
-        }
-        if let Some(source) = super::lock(&self.restore).take() {
-            source.discard();
-        }
-        self.cleanup_rootfs();
+        self.release().await;
         Ok(())
     }
 

@@ -48,12 +48,31 @@ fn checkpoint_with(
     dir
 }
 
-/// A rootfs in a sandbox dir, with a canary beside it standing for the host.
-fn sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
+/// Captures an upper dir with no lower layers into a new dir `out`.
+fn capture_upper(upper: &Path, out: &Path) -> DiffStats {
+    fs::create_dir(out).unwrap();
+    capture(
+        &Overlay {
+            upper: upper.to_path_buf(),
+            lowers: vec![],
+        },
+        out,
+    )
+    .unwrap()
+}
+
+/// A sandbox dir holding a small rootfs (`rootfs/etc/keep`).
+fn rootfs_sandbox() -> (tempfile::TempDir, PathBuf) {
     let top = tempfile::tempdir().unwrap();
     let rootfs = top.path().join("rootfs");
     fs::create_dir_all(rootfs.join("etc")).unwrap();
     fs::write(rootfs.join("etc/keep"), "keep").unwrap();
+    (top, rootfs)
+}
+
+/// A rootfs in a sandbox dir, with a canary beside it standing for the host.
+fn sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let (top, rootfs) = rootfs_sandbox();
     let canary = top.path().join("canary");
     fs::write(&canary, "untouched").unwrap();
     (top, rootfs, canary)
@@ -375,10 +394,7 @@ fn outside(top: &std::path::Path) -> Vec<Node> {
 /// A canary directory beside the rootfs, standing for the host: a file and
 /// a subdirectory with owners, modes, times and xattrs of their own.
 fn canary_sandbox() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let top = tempfile::tempdir().unwrap();
-    let rootfs = top.path().join("rootfs");
-    fs::create_dir_all(rootfs.join("etc")).unwrap();
-    fs::write(rootfs.join("etc/keep"), "keep").unwrap();
+    let (top, rootfs) = rootfs_sandbox();
     let canary = top.path().join("canary");
     fs::create_dir_all(canary.join("sub")).unwrap();
     fs::write(canary.join("f"), "canary file").unwrap();
@@ -859,15 +875,7 @@ fn sparse_entries_are_read_back_by_the_tar_crate_and_gnu_tar() {
     let small = upper.join("small");
     sparse_file(&small, 1 << 20, &[8192]);
     let out = top.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let stats = capture(
-        &Overlay {
-            upper: upper.clone(),
-            lowers: vec![],
-        },
-        &out,
-    )
-    .unwrap();
+    let stats = capture_upper(&upper, &out);
     let archive = out.join(ROOTFS_DIFF);
     let archived = fs::metadata(&archive).unwrap().len();
     assert!(archived < 1 << 20, "archive of {archived} bytes");
@@ -939,15 +947,7 @@ fn a_hostile_sparse_map_is_invalid() {
     fs::create_dir(&upper).unwrap();
     sparse_file(&upper.join("s"), 1 << 20, &[0, 65536]);
     let out = top.path().join("out");
-    fs::create_dir(&out).unwrap();
-    capture(
-        &Overlay {
-            upper,
-            lowers: vec![],
-        },
-        &out,
-    )
-    .unwrap();
+    capture_upper(&upper, &out);
     let p = out.join(ROOTFS_DIFF);
     let mut bytes = fs::read(&p).unwrap();
     // Swap the first two sparse slots (at 386 and 410) and fix the checksum.
@@ -1319,15 +1319,7 @@ fn an_all_hole_file_is_a_sparse_entry_without_data() {
     fs::create_dir(&upper).unwrap();
     sparse_file(&upper.join("holes"), 1 << 30, &[]);
     let out = top.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let stats = capture(
-        &Overlay {
-            upper: upper.clone(),
-            lowers: vec![],
-        },
-        &out,
-    )
-    .unwrap();
+    let stats = capture_upper(&upper, &out);
     assert_eq!(stats.bytes, 0);
     let gnu = top.path().join("gnu");
     fs::create_dir(&gnu).unwrap();
