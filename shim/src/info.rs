@@ -71,12 +71,14 @@ mod tests {
         let info = runtime_info("io.containerd.custom.v2", None).unwrap();
         assert_eq!(info.name, "io.containerd.custom.v2");
         assert_eq!(info.version.version, env!("CARGO_PKG_VERSION"));
-        // Features only where a runc answers; when present they are runc's JSON.
-        if let Some(f) = info.features.as_ref() {
-            assert_eq!(f.type_url, FEATURES_TYPE_URL);
-            let v: serde_json::Value = serde_json::from_slice(&f.value).unwrap();
-            assert!(v.get("ociVersionMin").is_some(), "{v}");
-        }
+        // runc is installed by `make deps`: its features must be there, as runc's JSON.
+        let f = info
+            .features
+            .as_ref()
+            .expect("runc's features (is runc on PATH? `make deps` installs it)");
+        assert_eq!(f.type_url, FEATURES_TYPE_URL);
+        let v: serde_json::Value = serde_json::from_slice(&f.value).unwrap();
+        assert!(v.get("ociVersionMin").is_some(), "{v}");
     }
 
     #[test]

@@ -1,0 +1,214 @@
+//! The restore: a checkpoint's files applied at Create, its memory brought
+//! back at Start by `runc restore`, reading the images where the caller put them.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use log::{info, warn};
+use serde::Deserialize;
+
+use super::{
+    criu_failure,
+    layout::{METADATA, RESTORE_LOG, RESTORE_RECORD},
+    ms, rootfs_diff, DumpFlags, Target,
+};
+use crate::{
+    error::{Error, Result},
+    runtime::runc::CheckpointOpts,
+};
+
+/// A checkpoint a container was created from, restored at Start. The images
+/// are read where the caller put them: never copied, never moved.
+pub struct RestoreSource {
+    /// The checkpoint directory as the caller handed it.
+    origin: PathBuf,
+    /// What runc reads: `origin`, or a directory of links to its images plus
+    /// CRIU's `parent` link (runc restore takes no parent path).
+    images: PathBuf,
+    linked: bool,
+    flags: DumpFlags,
+    work: PathBuf,
+    own_work: bool,
+}
+
+impl RestoreSource {
+    /// Applies the rootfs diff of `checkpoint` to the container's rootfs
+    /// (files first, memory at Start) and gets the images ready for runc.
+    pub async fn prepare(
+        checkpoint: &Path,
+        parent: Option<PathBuf>,
+        t: &Target<'_>,
+        work_path: &str,
+    ) -> Result<Self> {
+        match fs::metadata(checkpoint) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint {} is not a directory",
+                    checkpoint.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint {}: {e}",
+                    checkpoint.display()
+                )))
+            }
+        }
+        let (images, linked) = match &parent {
+            None => (checkpoint.to_path_buf(), false),
+            Some(parent) => (link_images(checkpoint, parent, t.bundle)?, true),
+        };
+        let unlink = |images: &Path| {
+            if linked {
+                let _ = fs::remove_dir_all(images);
+            }
+        };
+        let started = Instant::now();
+        let (dir, rootfs) = (checkpoint.to_path_buf(), t.rootfs.to_path_buf());
+        let applied = tokio::task::spawn_blocking(move || rootfs_diff::apply(&dir, &rootfs))
+            .await
+            .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
+            .and_then(|r| r);
+        let stats = match applied {
+            Ok(stats) => stats,
+            Err(e) => {
+                unlink(&images);
+                return Err(e);
+            }
+        };
+        let apply_ms = ms(started.elapsed());
+        let record = serde_json::json!({
+            "apply_ms": apply_ms,
+            "rootfs_diff_bytes": stats.bytes,
+            "rootfs_diff_entries": stats.entries,
+            "deleted_files": stats.deleted,
+        });
+        if let Err(e) = fs::write(t.bundle.join(RESTORE_RECORD), record.to_string()) {
+            warn!("container {}: write {RESTORE_RECORD}: {e}", t.id);
+        }
+        info!(
+            "container {}: rootfs diff applied in {:.1} ms ({} entries, {} bytes, {} deleted)",
+            t.id, apply_ms, stats.entries, stats.bytes, stats.deleted
+        );
+        let own_work = work_path.is_empty();
+        let work = if own_work {
+            t.bundle.join("criu-restore")
+        } else {
+            PathBuf::from(work_path)
+        };
+        if let Err(e) = fs::create_dir_all(&work) {
+            unlink(&images);
+            return Err(Error::io(format!("create {}", work.display()))(e));
+        }
+        // Our own checkpoints say how they were dumped; the Go shim's say nothing.
+        #[derive(Deserialize)]
+        struct Saved {
+            dump_flags: DumpFlags,
+        }
+        let flags = fs::read(checkpoint.join(METADATA))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+            .map(|s| s.dump_flags)
+            .unwrap_or_default();
+        Ok(Self {
+            origin: checkpoint.to_path_buf(),
+            images,
+            linked,
+            flags,
+            work,
+            own_work,
+        })
+    }
+
+    pub fn criu_opts(&self) -> CheckpointOpts {
+        CheckpointOpts {
+            image_path: self.images.clone(),
+            work_path: self.work.clone(),
+            parent_path: None,
+            leave_running: false,
+            tcp_established: self.flags.tcp_established,
+            ext_unix_sk: self.flags.ext_unix_sk,
+            shell_job: self.flags.shell_job,
+            file_locks: self.flags.file_locks,
+            empty_ns: Vec::new(),
+            manage_cgroups_mode: None,
+        }
+    }
+
+    pub fn explain_failure(&self, e: Error, bundle: &Path) -> Error {
+        criu_failure("restore", e, &self.work, RESTORE_LOG, bundle)
+    }
+
+    /// After a successful restore nothing of the checkpoint stays with the
+    /// container: the links and work dir the shim made go, and so does
+    /// containerd's own unpacked copy (`ctrd-checkpoint*`, which containerd
+    /// 2.x never removes). Any other directory is the caller's, left as it is.
+    pub fn finish(self) {
+        self.discard();
+    }
+
+    /// The restore will not happen (the container goes first): the same
+    /// clean-up; a caller that tries again hands over a new checkpoint dir.
+    pub fn discard(self) {
+        if self.linked {
+            let _ = fs::remove_dir_all(&self.images);
+        }
+        if self.own_work {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+        let containerd_temp = self
+            .origin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
+        if containerd_temp {
+            if let Err(e) = fs::remove_dir_all(&self.origin) {
+                warn!("remove {}: {e}", self.origin.display());
+            }
+        }
+    }
+}
+
+/// A directory in the bundle with a link to each image of `checkpoint` and
+/// CRIU's `parent` link to `parent`: no image is copied.
+fn link_images(checkpoint: &Path, parent: &Path, bundle: &Path) -> Result<PathBuf> {
+    let dir = bundle.join("checkpoint-images");
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(Error::io(format!("clear {}", dir.display())))?;
+    }
+    fs::create_dir(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
+    let linked = (|| {
+        let entries = fs::read_dir(checkpoint).map_err(Error::io(format!(
+            "read checkpoint {}",
+            checkpoint.display()
+        )))?;
+        for e in entries {
+            let e = e.map_err(Error::io("read checkpoint"))?;
+            let ft = e.file_type().map_err(Error::io("read checkpoint"))?;
+            // CRIU images are flat files; anything else is not CRIU's.
+            if !ft.is_file() {
+                continue;
+            }
+            let dst = dir.join(e.file_name());
+            if fs::hard_link(e.path(), &dst).is_err() {
+                std::os::unix::fs::symlink(e.path(), &dst)
+                    .map_err(Error::io(format!("link {}", e.path().display())))?;
+            }
+        }
+        let parent = fs::canonicalize(parent)
+            .map_err(Error::io(format!("parent checkpoint {}", parent.display())))?;
+        std::os::unix::fs::symlink(parent, dir.join("parent"))
+            .map_err(Error::io("link parent checkpoint"))
+    })();
+    match linked {
+        Ok(()) => Ok(dir),
+        Err(e) => {
+            let _ = fs::remove_dir_all(&dir);
+            Err(e)
+        }
+    }
+}
