@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing containerd-shim-custom-v2 needs on a fresh Debian bookworm
 # machine: containerd 2.x (sid), runc, CRIU >= 4.2 built from Debian's source package, busybox-static,
-# protoc. Idempotent: each step checks first and says what it does.
+# protoc, docker-registry, checkpointctl. Idempotent: each step checks first and says what it does.
 set -euo pipefail
 
 say() { echo "[deps] $*"; }
@@ -101,6 +101,43 @@ if ! criu_ok; then
 fi
 say "criu: $(criu --version | head -1)"
 criu check >/dev/null 2>&1 && say "criu check: looks good" || say "WARNING: 'criu check' reports problems: $(criu check 2>&1 | tail -1)"
+
+# The CRI tests serve base images from a loopback registry: containerd's CRI pulls a checkpoint's base
+# image again by its repo digest, which an image that was only imported does not have.
+install_pkgs docker-registry
+say "docker-registry: $(docker-registry --version 2>/dev/null | head -1)"
+
+# checkpointctl 1.3.0 is a trixie package built against trixie's glibc (2.38, newer than bookworm's):
+# both are unpacked into a private dir and run through that glibc's loader by a wrapper on PATH.
+CHECKPOINTCTL_DIR=/usr/local/lib/checkpointctl
+checkpointctl_ok() {
+  [ -x /usr/local/bin/checkpointctl ] || return 1
+  local help; help=$(/usr/local/bin/checkpointctl --help 2>/dev/null) || return 1
+  [[ "$help" == *"checkpoint archives"* ]]
+}
+if ! checkpointctl_ok; then
+  say "installing checkpointctl (trixie) with trixie's glibc in $CHECKPOINTCTL_DIR"
+  apt_update
+  work=$(mktemp -d /tmp/checkpointctl.XXXXXX)
+  chmod 0777 "$work" # apt-get download fetches as the _apt user
+  (
+    cd "$work"
+    apt-get download -qq checkpointctl/trixie libc6/trixie >/dev/null
+    rm -rf "$CHECKPOINTCTL_DIR"
+    mkdir -p "$CHECKPOINTCTL_DIR"
+    for deb in ./checkpointctl_*.deb ./libc6_*.deb; do dpkg -x "$deb" "$CHECKPOINTCTL_DIR"; done
+    ls checkpointctl_*.deb >"$CHECKPOINTCTL_DIR/VERSION"
+  )
+  rm -rf "$work"
+  cat >/usr/local/bin/checkpointctl <<WRAP
+#!/bin/sh
+# checkpointctl from Debian trixie, run with trixie's glibc (installed by containerd-shim-custom-v2's make deps)
+exec $CHECKPOINTCTL_DIR/usr/lib64/ld-linux-x86-64.so.2 --library-path $CHECKPOINTCTL_DIR/usr/lib/x86_64-linux-gnu $CHECKPOINTCTL_DIR/usr/bin/checkpointctl "\$@"
+WRAP
+  chmod 0755 /usr/local/bin/checkpointctl
+  checkpointctl_ok || { echo "[deps] checkpointctl does not run: $(/usr/local/bin/checkpointctl --help 2>&1 | tail -1)" >&2; exit 1; }
+fi
+say "checkpointctl: $(cat "$CHECKPOINTCTL_DIR/VERSION" 2>/dev/null)"
 
 # containerd's Debian package may start a system containerd: the project never depends on it.
 say "done"

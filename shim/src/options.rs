@@ -159,6 +159,9 @@ pub struct CheckpointOptions {
     pub cgroups_mode: String,
     pub image_path: String,
     pub work_path: String,
+    /// Whether the request carried options at all. containerd's CRI sends
+    /// none for a runtime not named runc; `ctr` always sends them.
+    pub given: bool,
 }
 
 impl Default for CheckpointOptions {
@@ -175,6 +178,7 @@ impl Default for CheckpointOptions {
             cgroups_mode: String::new(),
             image_path: String::new(),
             work_path: String::new(),
+            given: false,
         }
     }
 }
@@ -198,6 +202,7 @@ impl CheckpointOptions {
                     cgroups_mode: o.cgroups_mode,
                     image_path: o.image_path,
                     work_path: o.work_path,
+                    given: true,
                 })
             }
             other => Err(Error::InvalidArgument(format!(

@@ -55,6 +55,48 @@ impl Target<'_> {
     }
 }
 
+/// Who captures and applies the container's rootfs changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilesBy {
+    /// The shim: `rootfs-diff.tar` and `deleted.files` in the checkpoint,
+    /// captured in the freeze that holds the dump, applied at Create.
+    Shim,
+    /// containerd's CRI: it paused the task itself, writes its own
+    /// `rootfs-diff.tar` from the snapshotter before it resumes, and applies
+    /// that at restore. A second copy would be stored and applied twice.
+    ContainerdCri,
+}
+
+impl FilesBy {
+    /// At a checkpoint: containerd's CRI is the caller when the container is
+    /// one of its application containers, the task was paused before the
+    /// call, and the request carries no options (the CRI sends none for a
+    /// runtime not named runc; `ctr` and the companion tools always do).
+    pub fn at_checkpoint(cri_container: bool, opts: &CheckpointOptions, status: Status) -> Self {
+        if cri_container && !opts.given && status == Status::Paused {
+            FilesBy::ContainerdCri
+        } else {
+            FilesBy::Shim
+        }
+    }
+
+    /// At a restore: containerd applies `<checkpoint>/../rootfs-diff.tar`
+    /// itself, between Create and Start, when its CRI restores from a path
+    /// (`<container dir>/ctrd-restore/checkpoint`).
+    pub fn at_restore(cri_container: bool, checkpoint: &Path) -> Self {
+        let from_cri_path = checkpoint.file_name().is_some_and(|n| n == "checkpoint")
+            && checkpoint
+                .parent()
+                .is_some_and(|dir| dir.join(layout::ROOTFS_DIFF).is_file());
+        if cri_container && from_cri_path {
+            FilesBy::ContainerdCri
+        } else {
+            FilesBy::Shim
+        }
+    }
+}
+
 #[derive(Debug, Default, Serialize)]
 struct Phases {
     freeze_ms: f64,
@@ -82,6 +124,9 @@ struct Metadata {
     container_id: String,
     leave_running: bool,
     frozen_by_shim: bool,
+    /// Who captured the rootfs changes (containerd's CRI keeps its own copy
+    /// outside this directory).
+    rootfs_diff_by: FilesBy,
     /// Why the rootfs diff is missing, when it is.
     rootfs_diff_skipped: Option<String>,
     /// Files of the rootfs the diff does not carry (sockets, device nodes), and why.
@@ -116,6 +161,7 @@ pub async fn dump(
     path: &Path,
     opts: &CheckpointOptions,
     status: Status,
+    files: FilesBy,
     caller: &Caller,
 ) -> Result<()> {
     let (target, watched) = if opts.image_path.is_empty() {
@@ -131,7 +177,7 @@ pub async fn dump(
     caller.check("the checkpoint")?;
     let made_target = !target.exists();
     fs::create_dir_all(&target).map_err(Error::io(format!("create {}", target.display())))?;
-    let result = dump_into(t, &target, opts, status, caller).await;
+    let result = dump_into(t, &target, opts, status, files, caller).await;
     if result.is_err() && made_target {
         // Only if empty: what is in it is not ours.
         let _ = fs::remove_dir(&target);
@@ -144,6 +190,7 @@ async fn dump_into(
     target: &Path,
     opts: &CheckpointOptions,
     status: Status,
+    files: FilesBy,
     caller: &Caller,
 ) -> Result<()> {
     let staging = Staging::new(target)?;
@@ -159,7 +206,7 @@ async fn dump_into(
         PathBuf::from(&opts.work_path)
     };
     let result = match fs::create_dir_all(&work) {
-        Ok(()) => bracket(t, &staging.dir, &work, opts, status, caller).await,
+        Ok(()) => bracket(t, &staging.dir, &work, opts, status, files, caller).await,
         Err(e) => Err(Error::io(format!("create {}", work.display()))(e)),
     };
     if own_work {
@@ -197,15 +244,25 @@ async fn bracket(
     work: &Path,
     opts: &CheckpointOptions,
     status: Status,
+    files: FilesBy,
     caller: &Caller,
 ) -> Result<()> {
     let started = Instant::now();
     let mut phases = Phases::default();
     // Found before freezing, so that a rootfs we cannot diff fails nothing.
-    let overlay = rootfs_diff::overlay_of(t.rootfs).map_err(|e| {
-        warn!("container {}: rootfs diff skipped: {e}", t.id);
-        e.to_string()
-    });
+    let overlay = match files {
+        FilesBy::Shim => rootfs_diff::overlay_of(t.rootfs).map_err(|e| {
+            warn!("container {}: rootfs diff skipped: {e}", t.id);
+            e.to_string()
+        }),
+        FilesBy::ContainerdCri => {
+            info!(
+                "container {}: containerd's CRI paused the task and captures the rootfs changes itself",
+                t.id
+            );
+            Err("captured by containerd's CRI (its own rootfs-diff.tar, taken in its pause)".into())
+        }
+    };
     let freezer = t.freezer()?;
     // Frozen already (paused, or by someone else): it stays as it is.
     let freeze = status == Status::Running
@@ -253,6 +310,7 @@ async fn bracket(
         container_id: t.id.to_string(),
         leave_running: !opts.exit,
         frozen_by_shim: freeze,
+        rootfs_diff_by: files,
         rootfs_diff_skipped: skipped,
         rootfs_diff_left_out: diff.skipped.clone(),
         phases: Phases::default(),
@@ -488,6 +546,39 @@ fn dir_size(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containerd_cri_is_the_caller_only_for_its_own_paused_containers_without_options() {
+        let none = CheckpointOptions::default();
+        let ctr = CheckpointOptions {
+            given: true,
+            ..Default::default()
+        };
+        let cri = FilesBy::at_checkpoint;
+        assert_eq!(cri(true, &none, Status::Paused), FilesBy::ContainerdCri);
+        // Running: nobody paused it to take a diff of their own.
+        assert_eq!(cri(true, &none, Status::Running), FilesBy::Shim);
+        // Options sent: ctr or another client, which rely on the shim's diff.
+        assert_eq!(cri(true, &ctr, Status::Paused), FilesBy::Shim);
+        assert_eq!(cri(false, &none, Status::Paused), FilesBy::Shim);
+    }
+
+    #[test]
+    fn containerd_applies_the_diff_only_beside_a_cri_restore_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let restore = dir.path().join("ctrd-restore");
+        let images = restore.join("checkpoint");
+        fs::create_dir_all(&images).unwrap();
+        // No rootfs-diff.tar of containerd's: the shim applies its own, if any.
+        assert_eq!(FilesBy::at_restore(true, &images), FilesBy::Shim);
+        fs::write(restore.join(layout::ROOTFS_DIFF), b"").unwrap();
+        assert_eq!(FilesBy::at_restore(true, &images), FilesBy::ContainerdCri);
+        assert_eq!(FilesBy::at_restore(false, &images), FilesBy::Shim);
+        // A directory not named as the CRI names it.
+        let other = restore.join("ctrd-checkpoint123");
+        fs::create_dir_all(&other).unwrap();
+        assert_eq!(FilesBy::at_restore(true, &other), FilesBy::Shim);
+    }
 
     #[test]
     fn meaningful_criu_line_is_picked() {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::{
     criu_failure,
     layout::{METADATA, RESTORE_LOG, RESTORE_RECORD},
-    ms, rootfs_diff, DumpFlags, Target,
+    ms, rootfs_diff, DumpFlags, FilesBy, Target,
 };
 use crate::{
     error::{Error, Result},
@@ -42,6 +42,7 @@ impl RestoreSource {
         parent: Option<PathBuf>,
         t: &Target<'_>,
         work_path: &str,
+        files: FilesBy,
     ) -> Result<Self> {
         match fs::metadata(checkpoint) {
             Ok(m) if m.is_dir() => {}
@@ -69,10 +70,20 @@ impl RestoreSource {
         };
         let started = Instant::now();
         let (dir, rootfs) = (checkpoint.to_path_buf(), t.rootfs.to_path_buf());
-        let applied = tokio::task::spawn_blocking(move || rootfs_diff::apply(&dir, &rootfs))
-            .await
-            .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
-            .and_then(|r| r);
+        let applied = match files {
+            FilesBy::Shim => tokio::task::spawn_blocking(move || rootfs_diff::apply(&dir, &rootfs))
+                .await
+                .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
+                .and_then(|r| r),
+            FilesBy::ContainerdCri => {
+                info!(
+                    "container {}: containerd applies {} itself before Start; the checkpoint's own copy, if any, is not applied",
+                    t.id,
+                    checkpoint.with_file_name(super::layout::ROOTFS_DIFF).display()
+                );
+                Ok(Default::default())
+            }
+        };
         let stats = match applied {
             Ok(stats) => stats,
             Err(e) => {
@@ -82,6 +93,7 @@ impl RestoreSource {
         };
         let apply_ms = ms(started.elapsed());
         let record = serde_json::json!({
+            "rootfs_diff_by": files,
             "apply_ms": apply_ms,
             "rootfs_diff_bytes": stats.bytes,
             "rootfs_diff_entries": stats.entries,
@@ -210,5 +222,42 @@ fn link_images(checkpoint: &Path, parent: &Path, bundle: &Path) -> Result<PathBu
             let _ = fs::remove_dir_all(&dir);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(origin: &Path, work: &Path) -> RestoreSource {
+        RestoreSource {
+            origin: origin.to_path_buf(),
+            images: origin.to_path_buf(),
+            linked: false,
+            flags: DumpFlags::default(),
+            work: work.to_path_buf(),
+            own_work: true,
+        }
+    }
+
+    #[test]
+    fn only_containerds_own_temp_copy_and_the_shims_dirs_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // containerd's CRI restores from a directory it owns and removes itself.
+        let cri = dir.path().join("ctrd-restore").join("checkpoint");
+        let temp = dir.path().join("ctrd-checkpoint4711");
+        let user = dir.path().join("my-checkpoint");
+        for d in [&cri, &temp, &user] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("pstree.img"), b"x").unwrap();
+        }
+        for (origin, removed) in [(&cri, false), (&temp, true), (&user, false)] {
+            let work = dir.path().join("criu-restore");
+            fs::create_dir_all(&work).unwrap();
+            source(origin, &work).finish();
+            assert!(!work.exists(), "the shim's work dir goes");
+            assert_eq!(!origin.exists(), removed, "{}", origin.display());
+        }
+        assert!(cri.join("pstree.img").is_file());
     }
 }

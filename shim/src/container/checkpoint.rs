@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use super::{lock, Container, Status};
 use crate::{
-    checkpoint::{self, RestoreSource, Target},
+    checkpoint::{self, FilesBy, RestoreSource, Target},
     error::{Error, Result},
     options::CheckpointOptions,
     owned,
@@ -52,7 +52,8 @@ impl Container {
             let status = this
                 .init
                 .require(&[Status::Running, Status::Paused], "checkpoint")?;
-            checkpoint::dump(&this.target(), &path, &opts, status, &caller).await
+            let files = FilesBy::at_checkpoint(this.cri_container, &opts, status);
+            checkpoint::dump(&this.target(), &path, &opts, status, files, &caller).await
         })
         .await
     }
@@ -63,9 +64,15 @@ impl Container {
         image: PathBuf,
         parent: Option<PathBuf>,
     ) -> Result<()> {
-        let source =
-            RestoreSource::prepare(&image, parent, &self.target(), &self.options.criu_work_path)
-                .await?;
+        let files = FilesBy::at_restore(self.cri_container, &image);
+        let source = RestoreSource::prepare(
+            &image,
+            parent,
+            &self.target(),
+            &self.options.criu_work_path,
+            files,
+        )
+        .await?;
         *lock(&self.restore) = Some(source);
         Ok(())
     }

@@ -63,12 +63,15 @@ impl Container {
             shared.reaper.clone(),
         )
         .with_criu_timeout(options.criu_timeout());
-        // As the Go shim reads it; a spec it cannot read means kill all (the safe side).
-        let kill_all_on_exit = std::fs::read(bundle.join("config.json"))
+        let spec = std::fs::read(bundle.join("config.json"))
             .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .map(|spec| super::should_kill_all_on_exit(&spec))
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        // As the Go shim reads it; a spec it cannot read means kill all (the safe side).
+        let kill_all_on_exit = spec
+            .as_ref()
+            .map(super::should_kill_all_on_exit)
             .unwrap_or(true);
+        let cri_container = spec.as_ref().is_some_and(super::is_cri_container);
         let container = Arc::new(Container {
             id: id.clone(),
             bundle: bundle.clone(),
@@ -83,6 +86,7 @@ impl Container {
             ops: tokio::sync::Mutex::new(()),
             restore: Mutex::new(None),
             kill_all_on_exit,
+            cri_container,
         });
         let created = match checkpoint {
             // Files first: the rootfs diff is applied now, memory comes back at Start.

@@ -58,6 +58,8 @@ pub struct Container {
     /// The spec gives the container no pid namespace of its own: what is left
     /// when the init exits is killed.
     kill_all_on_exit: bool,
+    /// An application container of containerd's CRI (see [`is_cri_container`]).
+    cri_container: bool,
 }
 
 /// Whether a container's processes outlive its init (Go's `ShouldKillAllOnExit`):
@@ -69,6 +71,14 @@ pub fn should_kill_all_on_exit(spec: &serde_json::Value) -> bool {
     !namespaces.iter().any(|ns| {
         ns["type"].as_str() == Some("pid") && ns["path"].as_str().map(str::is_empty).unwrap_or(true)
     })
+}
+
+/// Whether the spec is that of an application container made by containerd's
+/// CRI (annotation `io.kubernetes.cri.container-type: container`; a pod's
+/// sandbox says `sandbox`). On that path containerd captures and applies the
+/// rootfs changes itself (see `container/checkpoint.rs`).
+pub fn is_cri_container(spec: &serde_json::Value) -> bool {
+    spec["annotations"]["io.kubernetes.cri.container-type"].as_str() == Some("container")
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -260,5 +270,16 @@ mod tests {
         let host = serde_json::json!({"linux": {"namespaces": [{"type": "mount"}]}});
         assert!(should_kill_all_on_exit(&host));
         assert!(should_kill_all_on_exit(&serde_json::json!({})));
+    }
+
+    #[test]
+    fn cri_containers_are_told_by_their_annotation() {
+        use super::is_cri_container;
+        let ann =
+            |t: &str| serde_json::json!({"annotations": {"io.kubernetes.cri.container-type": t}});
+        assert!(is_cri_container(&ann("container")));
+        assert!(!is_cri_container(&ann("sandbox")));
+        assert!(!is_cri_container(&serde_json::json!({"annotations": {}})));
+        assert!(!is_cri_container(&serde_json::json!({})));
     }
 }
