@@ -5,6 +5,11 @@
 # a manifest and an index.json whose annotations name the image.
 #
 #   usage: scripts/build-test-image.sh [OUTPUT.tar]      (default: target/test-image/shimtest.tar)
+#          scripts/build-test-image.sh --pause [OUTPUT.tar]
+#                                        (default: target/test-image/pause.tar)
+#
+# --pause builds the CRI tests' sandbox image instead: scripts/pause.c compiled static as /pause,
+# the entrypoint, named docker.io/library/shimtest-pause:latest.
 #
 # Load it with `ctr -n NS images import OUTPUT.tar`; containerd 2.1 then names the image
 #   docker.io/library/shimtest:latest
@@ -16,14 +21,19 @@
 # concurrently (flock on OUTPUT.lock; the tar is written to a temp file and renamed).
 set -euo pipefail
 
+PAUSE=0
+if [ "${1:-}" = --pause ]; then PAUSE=1; shift; fi
 IMAGE_NAME="docker.io/library/shimtest:latest"
+[ "$PAUSE" = 1 ] && IMAGE_NAME="docker.io/library/shimtest-pause:latest"
 IMAGE_TAG="latest"
 BUSYBOX="${BUSYBOX:-/bin/busybox}"
 EPOCH="${SOURCE_DATE_EPOCH:-0}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-out="${1:-$root/target/test-image/shimtest.tar}"
+default_out="$root/target/test-image/shimtest.tar"
+[ "$PAUSE" = 1 ] && default_out="$root/target/test-image/pause.tar"
+out="${1:-$default_out}"
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
 
 die() { echo "build-test-image: $*" >&2; exit 1; }
@@ -36,7 +46,7 @@ mkdir -p "$(dirname "$out")"
 exec 9>"$out.lock"
 flock 9
 
-stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$BUSYBOX" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
+stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$BUSYBOX" "$here/pause.c" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out" ] && [ -f "$out.stamp" ] && [ "$(cat "$out.stamp")" = "$stamp_want" ]; then
   echo "build-test-image: $out is up to date ($IMAGE_NAME)"
   exit 0
@@ -47,6 +57,15 @@ trap 'rm -rf "$work"' EXIT
 
 # --- rootfs -----------------------------------------------------------------------------------
 rootfs="$work/rootfs"
+if [ "$PAUSE" = 1 ]; then
+  command -v cc >/dev/null || die "cc is required (build-essential)"
+  mkdir -p "$rootfs"
+  cc -static -Os -Wall -o "$rootfs/pause" "$here/pause.c" || die "cannot build $here/pause.c statically"
+  strip "$rootfs/pause" 2>/dev/null || true
+  image_config='"Entrypoint":["/pause"],"WorkingDir":"/"'
+  n=0
+else
+image_config='"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["/bin/sh"],"WorkingDir":"/"'
 mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,root,proc,sys,dev,run,var/tmp}
 chmod 1777 "$rootfs/tmp" "$rootfs/var/tmp"
 chmod 0700 "$rootfs/root"
@@ -74,6 +93,12 @@ chmod 0644 "$rootfs"/etc/*
 mkdir -p "$rootfs/data/sub"
 printf 'keep\n' >"$rootfs/data/sub/keep.txt"
 printf 'latin1\n' >"$rootfs/data/$(printf 'caf\351')"
+# Files a workload changes, deletes, and a directory it replaces (the CRI checkpoint tests).
+printf 'original\n' >"$rootfs/data/change.txt"
+printf 'doomed\n' >"$rootfs/data/delete.txt"
+mkdir -p "$rootfs/data/replace"
+printf 'old\n' >"$rootfs/data/replace/old.txt"
+fi
 
 # --- layer ------------------------------------------------------------------------------------
 layer_tar="$work/layer.tar"
@@ -103,10 +128,9 @@ read -r layer_digest layer_size < <(add_blob "$work/layer.tar.gz")
 created=$(date -u -d "@$EPOCH" +%Y-%m-%dT%H:%M:%SZ)
 printf '%s' \
   '{"architecture":"amd64","os":"linux","created":"'"$created"'",' \
-  '"config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],' \
-  '"Cmd":["/bin/sh"],"WorkingDir":"/"},' \
+  '"config":{'"$image_config"'},' \
   '"rootfs":{"type":"layers","diff_ids":["sha256:'"$diff_id"'"]},' \
-  '"history":[{"created":"'"$created"'","created_by":"scripts/build-test-image.sh (busybox-static)"}]}' \
+  '"history":[{"created":"'"$created"'","created_by":"scripts/build-test-image.sh"}]}' \
   >"$work/config.json"
 read -r config_digest config_size < <(add_blob "$work/config.json")
 

@@ -34,6 +34,15 @@ cat >> "$config" <<SECTION
 # containerd-shim-custom-v2: consistent checkpoint/restore (https://containerd.io runtime v2 shim)
 $section
   runtime_type = "io.containerd.custom.v2"
+  # Pods choose it with a RuntimeClass whose handler is "custom".
+
+# containerd hands this table to the shim as TOML. It reads io.containerd.runc.v2's keys
+# (BinaryName, Root, SystemdCgroup, NoPivotRoot, NoNewKeyring, ShimCgroup, IoUid, IoGid,
+# CriuWorkPath) and its own CriuTimeout: how many seconds one runc checkpoint or restore may take.
+${section%]}.options]
+  CriuTimeout = 600
+  # BinaryName = "/usr/sbin/runc"
+  # SystemdCgroup = true
 SECTION
 say "registered io.containerd.custom.v2 as CRI runtime 'custom' in $config (config version $version)"
 say "restart containerd to pick it up; ctr and nerdctl need no config: --runtime io.containerd.custom.v2"

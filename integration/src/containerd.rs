@@ -25,12 +25,14 @@ pub const STATE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Plugins a ctr-driven test never uses: CRI, NRI, tracing, restart monitor, snapshotters that
 /// cannot work here. containerd 2.1 starts without them (checked) and faster.
-const DISABLED_PLUGINS: &[&str] = &[
+const CRI_PLUGINS: &[&str] = &[
     "io.containerd.grpc.v1.cri",
     "io.containerd.cri.v1.images",
     "io.containerd.cri.v1.runtime",
     "io.containerd.podsandbox.controller.v1.podsandbox",
     "io.containerd.grpc.v1.sandbox-controllers",
+];
+const DISABLED_PLUGINS: &[&str] = &[
     "io.containerd.nri.v1.nri",
     "io.containerd.monitor.container.v1.restart",
     "io.containerd.tracing.processor.v1.otlp",
@@ -62,13 +64,29 @@ pub struct Containerd {
     state: PathBuf,
     address: PathBuf,
     namespace: String,
+    /// Unique to this instance (`shimtest-<tag>`): the namespace of a ctr host, the cgroup
+    /// parent of a CRI host's pods (whose namespace is k8s.io).
+    tag: String,
     log: PathBuf,
     fifo_dir: String,
     child: Option<Child>,
 }
 
-fn config_toml(root: &Path, state: &Path, address: &Path, level: &str) -> String {
-    let disabled: Vec<String> = DISABLED_PLUGINS.iter().map(|p| format!("{p:?}")).collect();
+/// What a test needs of its containerd beyond the default ctr host.
+#[derive(Default)]
+pub struct Setup {
+    /// Keep the CRI plugins, work in this namespace (k8s.io), and append what this returns (given
+    /// the instance's dir) to the config; then register io.containerd.custom.v2 in it the way
+    /// `make install` does (scripts/register-runtime.sh).
+    pub cri: Option<(String, Box<dyn FnOnce(&Path) -> String>)>,
+}
+
+fn config_toml(root: &Path, state: &Path, address: &Path, level: &str, cri: bool) -> String {
+    let disabled: Vec<String> = DISABLED_PLUGINS
+        .iter()
+        .chain(if cri { &[][..] } else { CRI_PLUGINS })
+        .map(|p| format!("{p:?}"))
+        .collect();
     format!(
         r#"# written by the integration-test harness
 version = 3
@@ -117,6 +135,11 @@ impl Containerd {
     /// Starts a private containerd (config version 3), waits until `ctr version` answers, and
     /// imports the test image ([`IMAGE`]). Panics with containerd's log tail if that fails.
     pub fn start() -> Containerd {
+        Self::start_with(Setup::default())
+    }
+
+    /// [`Self::start`] with more than the default ctr host: see [`Setup`].
+    pub fn start_with(setup: Setup) -> Containerd {
         let image = test_image().unwrap_or_else(|e| panic!("test image: {e}"));
         let base = std::env::var_os("SHIMTEST_TMPDIR")
             .map(PathBuf::from)
@@ -129,13 +152,18 @@ impl Containerd {
             .unwrap_or(0);
         let tag = format!("{pid}-{n}-{:04x}", nanos & 0xffff);
         let dir = base.join(format!("shimtest-{tag}"));
+        let (namespace, cri) = match setup.cri {
+            Some((ns, extra)) => (ns, Some(extra)),
+            None => (format!("shimtest-{tag}"), None),
+        };
         fs::create_dir_all(&base).expect("create temp base dir");
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         let mut cd = Containerd {
             root: dir.join("root"),
             state: dir.join("state"),
             address: dir.join("containerd.sock"),
-            namespace: format!("shimtest-{tag}"),
+            namespace,
+            tag: format!("shimtest-{tag}"),
             log: dir.join("containerd.log"),
             fifo_dir: dir.join("fifo").to_string_lossy().into_owned(),
             child: None,
@@ -157,11 +185,18 @@ impl Containerd {
         }
         let level = std::env::var("SHIMTEST_LOG_LEVEL").unwrap_or_else(|_| "debug".to_string());
         let config = cd.dir.join("config.toml");
-        fs::write(
-            &config,
-            config_toml(&cd.root, &cd.state, &cd.address, &level),
-        )
-        .expect("write config.toml");
+        let mut toml = config_toml(&cd.root, &cd.state, &cd.address, &level, cri.is_some());
+        if let Some(extra) = cri {
+            toml.push_str(&extra(&cd.dir));
+        }
+        fs::write(&config, toml).expect("write config.toml");
+        if cd.namespace == "k8s.io" {
+            let script = workspace_root().join("scripts").join("register-runtime.sh");
+            let mut c = Command::new("bash");
+            c.arg(&script).arg(&config);
+            let out = run_with_timeout(&mut c, None, CTR_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+            assert!(out.status.success(), "{}: {}", script.display(), show(&out));
+        }
 
         let path = format!(
             "{}:{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -246,9 +281,13 @@ impl Containerd {
     pub fn address(&self) -> &Path {
         &self.address
     }
-    /// The namespace every helper uses (unique per instance).
+    /// The namespace every helper uses (unique per instance; k8s.io on a CRI host).
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+    /// `shimtest-<tag>`, unique per instance: a CRI host's pods use it as their cgroup parent.
+    pub fn tag(&self) -> &str {
+        &self.tag
     }
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -270,7 +309,7 @@ impl Containerd {
     }
     /// cgroup path ctr gives a container (`/<ns>/<id>`), without the leading slash.
     pub fn cgroup_rel(&self, id: &str) -> String {
-        format!("{}/{id}", self.namespace)
+        format!("{}/{id}", self.tag)
     }
 
     // ---- ctr ---------------------------------------------------------------------------------
@@ -697,7 +736,7 @@ impl Containerd {
             );
             let keep = workspace_root().join("target").join("integration-logs");
             if fs::create_dir_all(&keep).is_ok() {
-                let dest = keep.join(format!("{}.log", self.namespace));
+                let dest = keep.join(format!("{}.log", self.tag));
                 if fs::copy(&self.log, &dest).is_ok() {
                     eprintln!("full containerd log kept at {}", dest.display());
                 }
@@ -724,8 +763,8 @@ impl Containerd {
             }
             host::kill_and_wait(&shims, Duration::from_secs(5));
         }
-        // Container processes of a killed shim: kill through the cgroups ctr asked for.
-        for d in host::destroy_cgroups(&self.namespace) {
+        // Container processes of a killed shim: kill through the cgroups ctr (or the pods) asked for.
+        for d in host::destroy_cgroups(&self.tag) {
             problems.push(format!("cgroup not removed: {}", d.display()));
         }
         // Init processes that escaped all of the above (e.g. moved out of their cgroup).
@@ -738,8 +777,26 @@ impl Containerd {
             host::kill_and_wait(&escaped, Duration::from_secs(5));
         }
         let runc_ns = Path::new(RUNC_ROOT).join(&self.namespace);
+        // k8s.io is shared by every CRI host: only our own containers (bundles in our state dir).
+        let shared = self.namespace != self.tag;
+        let ours = |id: &OsStr| {
+            let state = runc_ns.join(id).join("state.json");
+            let bundle = fs::read(state)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| {
+                    v["config"]["labels"].as_array().and_then(|labels| {
+                        labels
+                            .iter()
+                            .filter_map(|l| l.as_str()?.strip_prefix("bundle="))
+                            .map(PathBuf::from)
+                            .next()
+                    })
+                });
+            bundle.is_some_and(|b| b.starts_with(&self.state))
+        };
         if let Ok(rd) = fs::read_dir(&runc_ns) {
-            for e in rd.flatten() {
+            for e in rd.flatten().filter(|e| !shared || ours(&e.file_name())) {
                 let mut c = Command::new("runc");
                 c.arg("--root")
                     .arg(&runc_ns)
@@ -747,7 +804,9 @@ impl Containerd {
                     .arg(e.file_name());
                 let _ = run_with_timeout(&mut c, None, Duration::from_secs(10));
             }
-            let _ = fs::remove_dir_all(&runc_ns);
+            if !shared {
+                let _ = fs::remove_dir_all(&runc_ns);
+            }
         }
         let stuck = host::unmount_all_under(&self.dir);
         if !stuck.is_empty() {
@@ -759,7 +818,7 @@ impl Containerd {
             problems.push(format!("remove {}: {e}", self.dir.display()));
         }
         if !problems.is_empty() {
-            eprintln!("teardown of {}: {}", self.namespace, problems.join("; "));
+            eprintln!("teardown of {}: {}", self.tag, problems.join("; "));
         }
     }
 }

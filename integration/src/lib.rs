@@ -38,19 +38,21 @@
 
 pub mod checkpoint;
 mod containerd;
+pub mod cri;
 pub mod faults;
 pub mod grpc;
 pub mod host;
 pub mod poll;
 mod process;
 mod pty;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-pub use containerd::{Containerd, TaskInfo, CTR_TIMEOUT, RUNC_ROOT, STATE_TIMEOUT};
+pub use containerd::{Containerd, Setup, TaskInfo, CTR_TIMEOUT, RUNC_ROOT, STATE_TIMEOUT};
 pub use poll::{poll, poll_until};
 pub use process::Spawned;
 pub use pty::PtySpawned;
@@ -136,17 +138,39 @@ pub fn test_image() -> Result<PathBuf, String> {
                     Err(format!("SHIMTEST_IMAGE_TAR={} does not exist", p.display()))
                 };
             }
-            let tar = target_dir().join("test-image").join("shimtest.tar");
-            let script = workspace_root().join("scripts").join("build-test-image.sh");
-            let mut cmd = Command::new("bash");
-            cmd.arg(&script).arg(&tar);
-            let out = process::run_with_timeout(&mut cmd, None, Duration::from_secs(300))?;
-            if !out.status.success() || !tar.is_file() {
-                return Err(format!("{} failed: {}", script.display(), show(&out)));
-            }
-            Ok(tar)
+            built_image("")
         })
         .clone()
+}
+
+/// An image tar built by scripts/build-test-image.sh with `flag` ("" for the test image,
+/// "--pause" for the CRI sandbox image) into `<target>/test-image/`; the script does nothing
+/// when the tar is up to date.
+pub fn built_image(flag: &str) -> Result<PathBuf, String> {
+    let name = if flag.is_empty() {
+        "shimtest.tar".to_string()
+    } else {
+        format!("{}.tar", flag.trim_start_matches('-'))
+    };
+    let tar = target_dir().join("test-image").join(name);
+    let script = workspace_root().join("scripts").join("build-test-image.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script);
+    if !flag.is_empty() {
+        cmd.arg(flag);
+    }
+    cmd.arg(&tar);
+    let out = process::run_with_timeout(&mut cmd, None, Duration::from_secs(300))?;
+    if !out.status.success() || !tar.is_file() {
+        return Err(format!("{} failed: {}", script.display(), show(&out)));
+    }
+    Ok(tar)
+}
+
+/// A number no other call in this process gets (for unique names).
+pub fn unique() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// True when the custom-shim half of the scenarios is to be skipped (`SHIMTEST_SKIP_CUSTOM`).

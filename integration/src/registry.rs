@@ -1,0 +1,119 @@
+//! A private image registry (Debian's `docker-registry`, installed by scripts/install-deps.sh) on
+//! a loopback port, storage in a temp dir, stopped and removed on drop.
+//!
+//! containerd's CRI pulls a checkpoint's base image again by its repo digest at restore; an image
+//! that was only imported has none, so the CRI tests push their base image here and pull it
+//! through the CRI.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::poll::poll_until;
+
+/// A running registry; see the module doc.
+pub struct Registry {
+    dir: PathBuf,
+    addr: String,
+    child: Option<Child>,
+}
+
+impl Registry {
+    /// Starts a registry keeping its blobs in `dir` (created), on a free port of 127.0.0.1, and
+    /// waits until `GET /v2/` answers. Panics with the registry's log when it does not.
+    pub fn start(dir: &Path) -> Registry {
+        fs::create_dir_all(dir.join("storage")).expect("create registry dir");
+        // A free port: bound, read and released (the registry binds it right after).
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("find a free loopback port");
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("config.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.join("storage").display()
+            ),
+        )
+        .expect("write registry config");
+        let log = fs::File::create(dir.join("registry.log")).expect("create registry log");
+        let child = Command::new(crate::host::which("docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start docker-registry (scripts/install-deps.sh installs it): {e}")
+            });
+        let r = Registry {
+            dir: dir.to_path_buf(),
+            addr,
+            child: Some(child),
+        };
+        let up = poll_until(Duration::from_secs(20), || r.answers().then_some(()));
+        if up.is_none() {
+            let log = fs::read_to_string(r.dir.join("registry.log")).unwrap_or_default();
+            panic!(
+                "docker-registry did not answer on {} within 20 s:\n{log}",
+                r.addr
+            );
+        }
+        r
+    }
+
+    /// `127.0.0.1:PORT`: the registry part of an image reference.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Whether `GET /v2/` gets an HTTP 200.
+    fn answers(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(&self.addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let req = format!(
+            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    }
+
+    /// A `hosts.toml` for containerd's registry `config_path`: plain HTTP to the registry at
+    /// `addr`. Written as `<certs_d>/<addr>/hosts.toml`.
+    pub fn hosts_toml(addr: &str, certs_d: &Path) {
+        let d = certs_d.join(addr);
+        fs::create_dir_all(&d).expect("create certs.d dir");
+        fs::write(
+            d.join("hosts.toml"),
+            format!(
+                "server = \"http://{a}\"\n\n[host.\"http://{a}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n",
+                a = addr
+            ),
+        )
+        .expect("write hosts.toml");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::env::var_os("SHIMTEST_KEEP_DIR").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

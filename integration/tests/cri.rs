@@ -1,0 +1,176 @@
+//! Kubernetes' path: containerd's CRI with runtime handlers `runc` (the Go shim) and `custom`
+//! (this shim), driven by a CRI v1 client as the kubelet drives it. Same assertions on both.
+
+use integration::both_handlers;
+use integration::cri::PidMode;
+
+both_handlers!(pod_and_container_lifecycle, |rt, host| {
+    let pod = host.run_pod("life", rt, PidMode::Container);
+    let id = host.run(
+        &pod,
+        "app",
+        &["sh", "-c", "echo hello from app; exec sleep 1000"],
+    );
+    let out = host.exec_ok(&id, &["sh", "-c", "echo exec-out; echo exec-err >&2"]);
+    assert_eq!(out.trim(), "exec-out");
+    let (code, _, _) = host.exec_sync(&id, &["sh", "-c", "exit 7"]).unwrap();
+    assert_eq!(code, 7);
+    host.stop(&id, 2).unwrap();
+    assert!(host
+        .log_lines(&pod, "app")
+        .iter()
+        .any(|l| l == "hello from app"));
+    host.remove(&id).unwrap();
+    host.remove_pod(&pod).unwrap();
+});
+
+use std::path::Path;
+use std::time::Duration;
+
+use integration::checkpoint::{tar_list, tar_member};
+use integration::cri::{
+    assert_workload_files, checkpoint_image, checkpointctl, workload_state, CriHost, WORKLOAD,
+};
+use integration::{poll, Runtime};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Runs [`WORKLOAD`] as container `name` in a new pod on `rt`; returns (pod, container), once the
+/// files are changed and the counter has started.
+fn start_workload(host: &CriHost, rt: Runtime, name: &str) -> (String, String) {
+    let pod = host.run_pod(&format!("{name}-pod"), rt, PidMode::Container);
+    let id = host.run(&pod, name, &["sh", "-c", WORKLOAD]);
+    poll(format!("{name}: workload ready"), T, || {
+        workload_state(host, &id).map(drop)
+    });
+    (pod, id)
+}
+
+/// The container's counter goes on past `after`, with `token`.
+fn assert_counter_goes_on(host: &CriHost, id: &str, token: &str, after: u64, what: &str) {
+    let (t, n) = poll(format!("{what}: counter of {id} past {after}"), T, || {
+        workload_state(host, id).filter(|(_, n)| *n > after + 2)
+    });
+    assert_eq!(t, token, "{what}: the token kept in memory came back");
+    assert!(n > after, "{what}: the counter went on ({n} after {after})");
+}
+
+/// CheckpointContainer of the workload into `archive`; returns (token, counter) read just before.
+fn checkpoint_workload(host: &CriHost, id: &str, archive: &Path) -> (String, u64) {
+    let before = workload_state(host, id).expect("workload state");
+    host.checkpoint(id, archive, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("CheckpointContainer {id}: {e}"));
+    before
+}
+
+/// What the archive holds, on either handler: the layout containerd's CRI writes and
+/// checkpointctl reads; with the custom shim, no second copy of the rootfs diff.
+fn assert_archive(rt: Runtime, archive: &Path, name: &str) {
+    let names = tar_list(archive);
+    for want in ["config.dump", "spec.dump", "status.dump", "rootfs-diff.tar"] {
+        assert!(
+            names.iter().any(|n| n.trim_start_matches("./") == want),
+            "{want} in the archive: {names:?}"
+        );
+    }
+    assert!(names
+        .iter()
+        .any(|n| n.trim_start_matches("./") == "checkpoint/pstree.img"));
+    let inner: Vec<&String> = names
+        .iter()
+        .filter(|n| n.trim_start_matches("./").starts_with("checkpoint/"))
+        .collect();
+    assert!(
+        !inner
+            .iter()
+            .any(|n| n.ends_with("/rootfs-diff.tar") || n.ends_with("/deleted.files")),
+        "the shim stored no diff of its own beside containerd's: {inner:?}"
+    );
+    if rt == Runtime::Custom {
+        let record = tar_member(archive, "checkpoint/custom-shim-checkpoint.json")
+            .expect("the shim's record in checkpoint/");
+        let record: serde_json::Value = serde_json::from_slice(&record).expect("record is JSON");
+        assert_eq!(record["rootfs_diff_by"], "containerd-cri", "{record}");
+        assert_eq!(record["complete"], true);
+    }
+    let show = checkpointctl(&["show", archive.to_str().expect("utf-8 path")]);
+    assert!(
+        show.contains(name),
+        "checkpointctl show names {name}:\n{show}"
+    );
+    let inspect = checkpointctl(&[
+        "inspect",
+        archive.to_str().expect("utf-8 path"),
+        "--ps-tree",
+        "--files",
+    ]);
+    assert!(
+        inspect.contains("Process tree")
+            && inspect.contains("sleep")
+            && inspect.contains("Open files"),
+        "checkpointctl inspect shows the process tree and its files:\n{inspect}"
+    );
+}
+
+/// The checkpointed container runs on, unpaused, its counter moving.
+fn assert_still_running(host: &CriHost, id: &str, token: &str, after: u64) {
+    let task = host.containerd().task(id).map(|t| t.status);
+    assert_eq!(
+        task.as_deref(),
+        Some("RUNNING"),
+        "containerd's task of {id}"
+    );
+    assert_counter_goes_on(host, id, token, after, "the checkpointed container");
+}
+
+/// Restores `image` (an archive path or a checkpoint image) in a new pod on `rt`, then checks
+/// memory (token, counter) and files.
+fn restore_and_check(
+    host: &CriHost,
+    rt: Runtime,
+    image: &str,
+    token: &str,
+    after: u64,
+    what: &str,
+) {
+    let pod = host.run_pod(
+        &format!("restored-{}", integration::unique()),
+        rt,
+        PidMode::Container,
+    );
+    let config = host.container_config("restored", image, &[]);
+    let id = host
+        .create(&pod, config)
+        .unwrap_or_else(|e| panic!("{what}: CreateContainer from {image}: {e}"));
+    host.start_container(&id)
+        .unwrap_or_else(|e| panic!("{what}: StartContainer (restore) of {image}: {e}"));
+    assert_counter_goes_on(host, &id, token, after, what);
+    assert_workload_files(host, &id);
+    host.stop(&id, 0).unwrap();
+    host.remove(&id).unwrap();
+    host.remove_pod(&pod).unwrap();
+}
+
+both_handlers!(checkpoint_and_restore_from_archive_and_image, |rt, host| {
+    let (_pod, id) = start_workload(host, rt, "app");
+    let archive = host.containerd().dir().join("app.tar");
+    let (token, n) = checkpoint_workload(host, &id, &archive);
+    assert_archive(rt, &archive, "app");
+    assert_still_running(host, &id, &token, n);
+
+    restore_and_check(
+        host,
+        rt,
+        archive.to_str().unwrap(),
+        &token,
+        n,
+        "from the archive",
+    );
+
+    let image_tar = host.containerd().dir().join("app-image.tar");
+    let image = "localhost/checkpoint/app:1";
+    checkpoint_image(&archive, image, "app", &image_tar);
+    host.containerd()
+        .ctr_ok(["images", "import", image_tar.to_str().unwrap()]);
+    restore_and_check(host, rt, image, &token, n, "from the checkpoint image");
+});
