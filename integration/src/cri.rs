@@ -269,8 +269,22 @@ impl CriHost {
         }
     }
 
-    /// CreateContainer in `pod`.
-    pub fn create(&self, pod: &str, config: ContainerConfig) -> Result<String, Status> {
+    /// CreateContainer in `pod`. The container gets the pod's namespace options, as the kubelet
+    /// gives them (a container left without any would share the pod's pid namespace).
+    pub fn create(&self, pod: &str, mut config: ContainerConfig) -> Result<String, Status> {
+        let pod_ns = self
+            .pod_config(pod)
+            .linux
+            .and_then(|l| l.security_context)
+            .and_then(|s| s.namespace_options);
+        let sc = config
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default);
+        if sc.namespace_options.is_none() {
+            sc.namespace_options = pod_ns;
+        }
         let req = self.request(
             CreateContainerRequest {
                 pod_sandbox_id: pod.to_string(),

@@ -174,3 +174,145 @@ both_handlers!(checkpoint_and_restore_from_archive_and_image, |rt, host| {
         .ctr_ok(["images", "import", image_tar.to_str().unwrap()]);
     restore_and_check(host, rt, image, &token, n, "from the checkpoint image");
 });
+
+/// 256 MiB held in memory by a `tail`, beside the counter: a dump that takes a while.
+fn heavy_workload() -> String {
+    let bytes = 256u64 << 20;
+    format!("(head -c {bytes} /dev/zero; sleep 100000) | tail -c {bytes} > /dev/null & {WORKLOAD}")
+}
+
+both_handlers!(
+    checkpoint_whose_deadline_passes_leaves_the_container_running,
+    |rt, host| {
+        let pod = host.run_pod("deadline-pod", rt, PidMode::Container);
+        let id = host.run(&pod, "heavy", &["sh", "-c", &heavy_workload()]);
+        let (token, _) = poll("heavy: workload ready", T, || workload_state(host, &id));
+        // The tail holds its 256 MiB once its RSS says so.
+        poll("the ballast in memory", T, || {
+            let (_, out, _) = host
+                .exec_sync(&id, &["sh", "-c", "grep VmRSS /proc/$(pidof tail)/status"])
+                .ok()?;
+            let kb: u64 = out.split_whitespace().nth(1)?.parse().ok()?;
+            (kb > 250 << 10).then_some(())
+        });
+        let archive = host.containerd().dir().join("late.tar");
+        for deadline_ms in [300u64, 800] {
+            let (_, n) = workload_state(host, &id).expect("workload state");
+            let r = host.checkpoint(&id, &archive, Duration::from_millis(deadline_ms));
+            eprintln!("CheckpointContainer with a {deadline_ms} ms deadline: {r:?}");
+            assert!(r.is_err(), "a 256 MiB checkpoint within {deadline_ms} ms");
+            let running = || {
+                (host.containerd().task(&id).map(|t| t.status).as_deref() == Some("RUNNING"))
+                    .then_some(())
+            };
+            if rt == Runtime::RuncV2
+                && integration::poll_until(Duration::from_secs(5), running).is_none()
+            {
+                // The Go shim's known outcome: containerd's resume carries the expired deadline and
+                // fails there, and nothing else resumes the task. Resumed by hand to go on.
+                eprintln!("Go shim: the task stays PAUSED after the CRI checkpoint's deadline");
+                host.containerd().ctr_ok(["tasks", "resume", &id]);
+            }
+            poll(format!("{id} RUNNING after the deadline"), T, running);
+            assert_counter_goes_on(host, &id, &token, n, "after the deadline");
+        }
+        // And a checkpoint with time enough works afterwards.
+        let (token, n) = checkpoint_workload(host, &id, &archive);
+        assert_still_running(host, &id, &token, n);
+    }
+);
+
+/// The shims serving this host's pods.
+fn shims(host: &CriHost, rt: Runtime) -> Vec<i32> {
+    integration::host::shims_of(host.containerd().address())
+        .into_iter()
+        .filter(|p| p.program_name() == rt.shim_program())
+        .map(|p| p.pid)
+        .collect()
+}
+
+both_handlers!(
+    two_containers_in_one_pod_are_served_by_one_shim,
+    |rt, host| {
+        let pod = host.run_pod("duo", rt, PidMode::Container);
+        let a = host.run(&pod, "a", &["sh", "-c", "echo from-a; exec sleep 1000"]);
+        let b = host.run(&pod, "b", &["sh", "-c", "echo from-b; exec sleep 1000"]);
+        assert_eq!(
+            shims(host, rt).len(),
+            1,
+            "one shim for the pause and both containers"
+        );
+        assert_eq!(
+            host.exec_ok(&a, &["cat", "/proc/1/cmdline"]),
+            "sleep\u{0}1000\u{0}"
+        );
+        assert_eq!(host.exec_ok(&b, &["hostname"]).trim().is_empty(), false);
+        let (mem, cpu) = poll("stats of a", T, || {
+            host.stats(&a).ok().filter(|(m, c)| *m > 0 && *c > 0)
+        });
+        eprintln!("ContainerStats of a: working set {mem} B, cpu {cpu} ns");
+        poll("logs of both", T, || {
+            (host.log_lines(&pod, "a") == ["from-a"] && host.log_lines(&pod, "b") == ["from-b"])
+                .then_some(())
+        });
+        // One container goes; the other and the shim stay.
+        host.stop(&a, 2).unwrap();
+        host.remove(&a).unwrap();
+        assert_eq!(host.exec_ok(&b, &["echo", "still"]).trim(), "still");
+        assert_eq!(shims(host, rt).len(), 1);
+        host.stop(&b, 2).unwrap();
+        host.remove(&b).unwrap();
+        host.remove_pod(&pod).unwrap();
+        poll("the pod's shim exits", T, || {
+            shims(host, rt).is_empty().then_some(())
+        });
+    }
+);
+
+both_handlers!(a_pod_sharing_its_pid_namespace, |rt, host| {
+    let pod = host.run_pod("shared", rt, PidMode::Pod);
+    let a = host.run(&pod, "a", &["sh", "-c", "sleep 1001 & exec sleep 1002"]);
+    let b = host.run(&pod, "b", &["sleep", "1003"]);
+    let ps = |id: &str| host.exec_ok(id, &["ps", "-o", "pid,args"]);
+    let seen = ps(&b);
+    let pid1 = seen
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("1"));
+    assert_eq!(
+        pid1.and_then(|l| l.split_whitespace().nth(1)),
+        Some("/pause"),
+        "pause is pid 1 of the pod:\n{seen}"
+    );
+    for p in ["sleep 1001", "sleep 1002", "sleep 1003"] {
+        assert!(seen.contains(p), "{p} seen from b:\n{seen}");
+    }
+    // a's init has no pid namespace of its own: stopping it takes its whole tree.
+    host.stop(&a, 2).unwrap();
+    poll("a's processes gone from the pod", T, || {
+        let seen = ps(&b);
+        (!seen.contains("sleep 1001") && !seen.contains("sleep 1002")).then_some(())
+    });
+    assert!(ps(&b).contains("sleep 1003"));
+    host.remove(&a).unwrap();
+    host.remove_pod(&pod).unwrap();
+});
+
+#[test]
+fn archives_restore_on_the_other_handler() {
+    integration::shim_binary().unwrap_or_else(|e| panic!("{e}"));
+    let host = CriHost::start();
+    for (from, to) in [
+        (Runtime::RuncV2, Runtime::Custom),
+        (Runtime::Custom, Runtime::RuncV2),
+    ] {
+        let name = format!("from-{}", integration::cri::handler(from));
+        let (pod, id) = start_workload(&host, from, &name);
+        let archive = host.containerd().dir().join(format!("{name}.tar"));
+        let (token, n) = checkpoint_workload(&host, &id, &archive);
+        let what = format!("checkpointed on {from:?}, restored on {to:?}");
+        restore_and_check(&host, to, archive.to_str().unwrap(), &token, n, &what);
+        host.stop(&id, 0).unwrap();
+        host.remove(&id).unwrap();
+        host.remove_pod(&pod).unwrap();
+    }
+}

@@ -175,6 +175,50 @@ fn checkpoint_deadline_at_every_moment_custom() {
     });
 }
 
+/// containerd's CRI pauses a task, checkpoints it with no options and resumes it with the same
+/// context: once the caller's deadline has passed, that resume may never reach the shim (the Go
+/// shim refuses it, and the task stays paused for good). The shim ends that pause itself. A task
+/// paused by anyone else stays paused.
+#[test]
+fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
+    run_scenario(Runtime::Custom, |rt, cd| {
+        let id = "cri";
+        let cri = ["--annotation", "io.kubernetes.cri.container-type=container"];
+        let pid = run_with(cd, rt, id, &cri, &["sh", "-c", &heavy_script()]);
+        wait_ballast(pid);
+        wait_count_advances(pid, "before");
+        let mut api = Api::connect(cd);
+        let deadline = Duration::from_millis(150);
+
+        // As containerd's CRI does it, and its caller gives up.
+        cd.ctr_ok(["tasks", "pause", id]);
+        api.set_timeout(Some(deadline));
+        let err = api
+            .checkpoint(id, None)
+            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
+        api.set_timeout(None);
+        assert_gave_up(&err, "the CRI's checkpoint");
+        assert_running_and_thawed(cd, id, pid, "after the CRI's caller gave up");
+
+        // A client that sends options (ctr, the kubelet through the Go shim's runtime name)
+        // paused it itself: paused it stays.
+        cd.ctr_ok(["tasks", "pause", id]);
+        api.set_timeout(Some(deadline));
+        let err = api
+            .checkpoint(id, Some(CheckpointOptions::default().to_any()))
+            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
+        api.set_timeout(None);
+        assert_gave_up(&err, "a paused task's checkpoint");
+        poll("the task stays PAUSED and FROZEN", T, || {
+            let paused = cd.task(id).map(|t| t.status) == Some("PAUSED".to_string());
+            (paused && freezer_state(cd, id).as_deref() == Some("FROZEN")).then_some(())
+        });
+        cd.ctr_ok(["tasks", "resume", id]);
+        assert_running_and_thawed(cd, id, pid, "resumed by its user");
+        remove_container(cd, id);
+    });
+}
+
 #[test]
 fn checkpoint_past_criu_timeout_is_killed_and_rolled_back_custom() {
     run_scenario(Runtime::Custom, |rt, cd| {

@@ -1,5 +1,6 @@
 //! Where a process's cgroups are, and the freezer the checkpoint bracket holds.
 
+pub mod cpu_v1;
 pub mod freezer;
 pub mod oom;
 

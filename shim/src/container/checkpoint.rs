@@ -5,6 +5,9 @@
 
 use std::{path::PathBuf, sync::Arc};
 
+use containerd_shim_protos::events::task::TaskResumed;
+use log::{debug, info};
+
 use super::{lock, Container, Status};
 use crate::{
     checkpoint::{self, FilesBy, RestoreSource, Target},
@@ -47,15 +50,48 @@ impl Container {
             )));
         }
         owned::run_within(deadline, move |caller| async move {
-            let _op = this.ops.lock().await;
-            caller.check("the checkpoint")?;
-            let status = this
-                .init
-                .require(&[Status::Running, Status::Paused], "checkpoint")?;
-            let files = FilesBy::at_checkpoint(this.cri_container, &opts, status);
-            checkpoint::dump(&this.target(), &path, &opts, status, files, &caller).await
+            let (files, result) = {
+                let _op = this.ops.lock().await;
+                caller.check("the checkpoint")?;
+                let status = this
+                    .init
+                    .require(&[Status::Running, Status::Paused], "checkpoint")?;
+                let files = FilesBy::at_checkpoint(this.cri_container, &opts, status);
+                let target = this.target();
+                let r = checkpoint::dump(&target, &path, &opts, status, files, &caller).await;
+                (files, r)
+            };
+            if result.is_err() && caller.gone() && files == FilesBy::ContainerdCri {
+                this.end_cri_pause().await;
+            }
+            result
         })
         .await
+    }
+
+    /// containerd's CRI paused the task only to checkpoint it, and resumes it
+    /// when done — with the same context, whose deadline has passed when its
+    /// caller gave up, so that resume may never come (the Go shim refuses it
+    /// and the container stays paused for good). The shim ends that pause
+    /// itself; a resume from containerd that comes anyway finds it running.
+    async fn end_cri_pause(&self) {
+        match self.resume().await {
+            Ok(()) => {
+                info!(
+                    "container {}: the CRI checkpoint's caller gave up; resumed the task containerd paused for it",
+                    self.id
+                );
+                self.shared.publisher.publish(TaskResumed {
+                    container_id: self.id.clone(),
+                    ..Default::default()
+                });
+            }
+            // Resumed already (containerd's own resume came first), or gone.
+            Err(e) => debug!(
+                "container {}: no resume after the CRI checkpoint: {e}",
+                self.id
+            ),
+        }
     }
 
     /// Applies a checkpoint's files at Create; its memory comes back at Start.

@@ -350,6 +350,11 @@ impl Container {
         } else {
             let mut metrics =
                 collect_metrics(&cgroup).map_err(Error::shim("collect cgroup metrics"))?;
+            // The collector leaves CPU usage out: from cpuacct, as the Go shim reads it.
+            if let Some(cg) = &own {
+                let dir = |c: &str| cg.v1.get(c).map(PathBuf::as_path);
+                metrics.cpu = Some(crate::cgroup::cpu_v1::stat(dir("cpuacct"), dir("cpu"))).into();
+            }
             // The collector leaves the limit out; containerd's clients show it.
             let memory = match own {
                 Some(cg) => cg.memory_v1,
