@@ -481,6 +481,19 @@ impl CriHost {
     }
 }
 
+impl Drop for CriHost {
+    /// Pods still there go through the CRI first: a pod's shim lives until its sandbox is
+    /// removed (containerd's sandbox controller shuts it down), which ctr cannot do.
+    fn drop(&mut self) {
+        let pods: Vec<String> = self.pods_lock().keys().cloned().collect();
+        for pod in pods {
+            if let Err(e) = self.remove_pod(&pod) {
+                eprintln!("teardown: removing pod {pod}: {e}");
+            }
+        }
+    }
+}
+
 /// Runs one CRI scenario on `rt`'s handler with a fresh [`CriHost`] (torn down afterwards).
 pub fn run_scenario(rt: Runtime, scenario: impl FnOnce(Runtime, &CriHost)) {
     if rt == Runtime::Custom {
