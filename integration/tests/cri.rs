@@ -316,3 +316,109 @@ fn archives_restore_on_the_other_handler() {
         host.remove_pod(&pod).unwrap();
     }
 }
+
+/// Appends `checkpoint/rootfs-diff.tar` to the archive: a diff of the shim's own making that would
+/// add /data/planted.txt, as an archive from an older shim (or another tool) could hold.
+fn plant_shim_diff(archive: &Path, scratch: &Path) {
+    let inner = scratch.join("inner");
+    std::fs::create_dir_all(inner.join("data")).unwrap();
+    std::fs::write(inner.join("data").join("planted.txt"), "applied twice\n").unwrap();
+    let outer = scratch.join("outer").join("checkpoint");
+    std::fs::create_dir_all(&outer).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("tar")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tar {args:?}: {}",
+            integration::show(&out)
+        );
+    };
+    let diff = outer.join("rootfs-diff.tar");
+    run(&[
+        "-cf",
+        diff.to_str().unwrap(),
+        "-C",
+        inner.to_str().unwrap(),
+        "data",
+    ]);
+    run(&[
+        "-rf",
+        archive.to_str().unwrap(),
+        "-C",
+        scratch.join("outer").to_str().unwrap(),
+        "checkpoint/rootfs-diff.tar",
+    ]);
+}
+
+both_handlers!(
+    a_large_rootfs_change_is_stored_once_and_applied_once,
+    |rt, host| {
+        let size: u64 = 256 << 20;
+        let pod = host.run_pod("big-pod", rt, PidMode::Container);
+        let script = format!(
+            "head -c {size} /dev/urandom > /big; md5sum /big > /big.md5; exec sleep 100000"
+        );
+        let id = host.run(&pod, "big", &["sh", "-c", &script]);
+        let sum = poll("the 256 MiB file written", T, || {
+            let (code, out, _) = host.exec_sync(&id, &["cat", "/big.md5"]).ok()?;
+            (code == 0 && !out.is_empty()).then_some(out)
+        });
+        let archive = host.containerd().dir().join("big.tar");
+        host.checkpoint(&id, &archive, Duration::from_secs(300))
+            .unwrap_or_else(|e| panic!("CheckpointContainer: {e}"));
+        // Random bytes do not compress: one copy of the change is 256 MiB, two would be 512.
+        let stored = std::fs::metadata(&archive).unwrap().len();
+        eprintln!("archive: {} MiB for a 256 MiB change", stored >> 20);
+        assert!(
+            stored > size && stored < size + size / 2,
+            "one copy of the change: {stored} bytes"
+        );
+        assert_archive(rt, &archive, "big");
+        if rt == Runtime::Custom {
+            let record = tar_member(&archive, "checkpoint/custom-shim-checkpoint.json").unwrap();
+            let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+            assert_eq!(
+                record["rootfs_diff_bytes"], 0,
+                "the shim captured nothing: {record}"
+            );
+        }
+
+        plant_shim_diff(&archive, &host.containerd().dir().join("plant"));
+        let pod2 = host.run_pod("big-restored", rt, PidMode::Container);
+        let restored = host
+            .create(
+                &pod2,
+                host.container_config("big", archive.to_str().unwrap(), &[]),
+            )
+            .unwrap_or_else(|e| panic!("CreateContainer from the archive: {e}"));
+        host.start_container(&restored)
+            .unwrap_or_else(|e| panic!("StartContainer (restore): {e}"));
+        let (_, check, _) = host
+            .exec_sync(
+                &restored,
+                &["sh", "-c", "md5sum /big; ls /data/planted.txt 2>&1"],
+            )
+            .unwrap();
+        assert!(
+            check.starts_with(&sum[..32]),
+            "the 256 MiB file came back whole: {check}"
+        );
+        assert!(
+            check.contains("No such file"),
+            "a diff inside checkpoint/ is not applied on top of containerd's: {check}"
+        );
+        if rt == Runtime::Custom {
+            let bundle = host.containerd().bundle_dir(&restored);
+            let record = std::fs::read(bundle.join("custom-shim-restore.json")).unwrap();
+            let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+            assert_eq!(record["rootfs_diff_by"], "containerd-cri", "{record}");
+            assert_eq!(
+                record["rootfs_diff_bytes"], 0,
+                "the shim applied nothing: {record}"
+            );
+        }
+    }
+);
