@@ -4,7 +4,7 @@
 # the test and bench images), runs the benchmark as root, writes bench/results/results.md,
 # results.json and chart.png.
 #
-#   usage: bench/run.sh [--quick] [--out DIR] [--only memory,lifecycle,checkpoint,restore,diff]
+#   usage: bench/run.sh [--quick] [--out DIR] [--only memory,lifecycle,checkpoint,restore,diff,cri]
 #                       [--rounds N] [--ckpt-mib 16,256,1024] [--diff-mib N] [--diff-files 1,10000]
 #
 # --quick: fewer rounds and smaller sizes, a sanity check (about a minute); the full run takes a

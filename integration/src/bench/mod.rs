@@ -3,6 +3,7 @@
 //! binary includes this directory with `#[path]`), so the integration library stays as it is.
 
 pub mod api;
+pub mod cri;
 pub mod measure;
 pub mod report;
 pub mod scenarios;

@@ -17,7 +17,7 @@ use super::report::{num, Results, Target};
 /// Set on SIGINT/SIGTERM: every round checks it and stops the run.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-fn check_interrupted() -> Result<(), String> {
+pub(super) fn check_interrupted() -> Result<(), String> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         Err("interrupted".into())
     } else {
@@ -53,6 +53,8 @@ pub struct Config {
     pub diff_rounds: usize,
     /// The workload's sleep between iterations, µs (the stall's resolution).
     pub sleep_us: u64,
+    /// (MiB held in memory, rounds) of the CRI checkpoint and restore.
+    pub cri: (u64, usize),
 }
 
 impl Config {
@@ -70,6 +72,7 @@ impl Config {
             diff_files: vec![1, 10_000],
             diff_rounds: 2,
             sleep_us: 1000,
+            cri: (256, 3),
         }
     }
 
@@ -87,6 +90,7 @@ impl Config {
             diff_files: vec![1, 1000],
             diff_rounds: 1,
             sleep_us: 1000,
+            cri: (16, 1),
         }
     }
 }
@@ -109,6 +113,7 @@ impl Config {
             self.lifecycle_samples = r;
             self.restore_rounds = r;
             self.diff_rounds = r;
+            self.cri.1 = r;
             for s in &mut self.ckpt_sizes {
                 s.1 = r;
             }
@@ -123,7 +128,7 @@ impl Config {
 }
 
 /// Round `r`'s order: Go first on even rounds, custom first on odd ones.
-fn order(r: usize) -> [Runtime; 2] {
+pub(super) fn order(r: usize) -> [Runtime; 2] {
     if r.is_multiple_of(2) {
         [Runtime::RuncV2, Runtime::Custom]
     } else {
@@ -138,7 +143,7 @@ fn short(rt: Runtime) -> &'static str {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -154,7 +159,7 @@ pub struct Bench<'a> {
     files_back: [Option<bool>; 2],
 }
 
-fn log(msg: impl AsRef<str>) {
+pub(super) fn log(msg: impl AsRef<str>) {
     eprintln!("bench: {}", msg.as_ref());
 }
 

@@ -1,6 +1,6 @@
 //! The benchmark: containerd-shim-custom-v2 against containerd-shim-runc-v2, side by side.
 //!
-//!   bench [--quick] [--out DIR] [--image TAR] [--only memory,lifecycle,checkpoint,restore,diff]
+//!   bench [--quick] [--out DIR] [--image TAR] [--only memory,lifecycle,checkpoint,restore,diff,cri]
 //!         [--rounds N] [--ckpt-mib 16,256,1024] [--diff-mib N] [--diff-files 1,10000]
 //!
 //! The last four override the mode's sizes and rounds (for a quick look at one figure).
@@ -24,7 +24,14 @@ use std::time::Instant;
 use bench::scenarios::{Bench, Config};
 use integration::{workspace_root, Containerd};
 
-const SCENARIOS: [&str; 5] = ["memory", "lifecycle", "checkpoint", "restore", "diff"];
+const SCENARIOS: [&str; 6] = [
+    "memory",
+    "lifecycle",
+    "checkpoint",
+    "restore",
+    "diff",
+    "cri",
+];
 
 struct Args {
     quick: bool,
@@ -211,6 +218,7 @@ fn main() {
             "lifecycle" => b.lifecycle(),
             "checkpoint" => b.checkpoint(),
             "restore" => b.restore(),
+            "cri" => b.cri(),
             _ => b.rootfs_diff(),
         };
         eprintln!("bench: {s} took {:.1} s", t.elapsed().as_secs_f64());
