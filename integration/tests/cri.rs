@@ -422,3 +422,38 @@ both_handlers!(
         }
     }
 );
+
+both_handlers!(a_tty_container_checkpoints_and_restores, |rt, host| {
+    let tty = |name: &str, image: &str, cmd: &[&str]| {
+        let mut c = host.container_config(name, image, cmd);
+        c.tty = true;
+        c.stdin = true;
+        c
+    };
+    let pod = host.run_pod("tty-pod", rt, PidMode::Container);
+    let id = host
+        .create(&pod, tty("t", host.image(), &["sh", "-c", WORKLOAD]))
+        .unwrap();
+    host.start_container(&id).unwrap();
+    let (token, _) = poll("tty workload ready", T, || workload_state(host, &id));
+    let stdin_of_init = |id: &str| host.exec_ok(id, &["readlink", "/proc/1/fd/0"]);
+    assert!(
+        stdin_of_init(&id).starts_with("/dev/pts/"),
+        "the init runs on a terminal"
+    );
+    let archive = host.containerd().dir().join("tty.tar");
+    let (_, n) = checkpoint_workload(host, &id, &archive);
+    // The restored container is declared with a terminal too, as the pod spec says.
+    let pod2 = host.run_pod("tty-restored", rt, PidMode::Container);
+    let restored = host
+        .create(&pod2, tty("t", archive.to_str().unwrap(), &[]))
+        .unwrap_or_else(|e| panic!("CreateContainer from the archive: {e}"));
+    host.start_container(&restored)
+        .unwrap_or_else(|e| panic!("StartContainer (restore) with a terminal: {e}"));
+    assert_counter_goes_on(host, &restored, &token, n, "restored with its terminal");
+    let out = stdin_of_init(&restored);
+    assert!(
+        out.starts_with("/dev/pts/"),
+        "the restored init runs on a terminal: {out}"
+    );
+});
