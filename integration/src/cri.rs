@@ -20,11 +20,12 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     CheckpointContainerRequest, ContainerConfig, ContainerMetadata, ContainerStatsRequest,
     ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PullImageRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, ReopenContainerLogRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 
 use crate::containerd::Setup;
@@ -404,6 +405,33 @@ impl CriHost {
             deadline,
         );
         self.client.block_on(self.rs().checkpoint_container(req))?;
+        Ok(())
+    }
+
+    /// UpdateContainerResources with `linux`.
+    pub fn update(&self, id: &str, linux: LinuxContainerResources) -> Result<(), Status> {
+        let req = self.request(
+            UpdateContainerResourcesRequest {
+                container_id: id.to_string(),
+                linux: Some(linux),
+                ..Default::default()
+            },
+            CRI_TIMEOUT,
+        );
+        self.client
+            .block_on(self.rs().update_container_resources(req))?;
+        Ok(())
+    }
+
+    /// ReopenContainerLog (what the kubelet calls after rotating the log).
+    pub fn reopen_log(&self, id: &str) -> Result<(), Status> {
+        let req = self.request(
+            ReopenContainerLogRequest {
+                container_id: id.to_string(),
+            },
+            CRI_TIMEOUT,
+        );
+        self.client.block_on(self.rs().reopen_container_log(req))?;
         Ok(())
     }
 

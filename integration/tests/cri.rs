@@ -457,3 +457,82 @@ both_handlers!(a_tty_container_checkpoints_and_restores, |rt, host| {
         "the restored init runs on a terminal: {out}"
     );
 });
+
+both_handlers!(exit_codes_oom_updates_and_log_rotation, |rt, host| {
+    use k8s_cri::v1::{ContainerState, LinuxContainerResources};
+    let pod = host.run_pod("status", rt, PidMode::Container);
+    let exited = |id: &str| {
+        poll(format!("{id} EXITED"), T, || {
+            host.status(id)
+                .ok()
+                .filter(|s| s.state == ContainerState::ContainerExited as i32)
+        })
+    };
+    // Exit codes and reasons as the kubelet reads them.
+    let failed = host.run(&pod, "failed", &["sh", "-c", "exit 3"]);
+    let s = exited(&failed);
+    assert_eq!((s.exit_code, s.reason.as_str()), (3, "Error"));
+    let done = host.run(&pod, "done", &["true"]);
+    let s = exited(&done);
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"));
+
+    // An OOM kill is reported as such (the shim's OOM event).
+    let mut hog = host.container_config(
+        "hog",
+        host.image(),
+        &["tail", "-c", "200000000", "/dev/zero"],
+    );
+    hog.linux.get_or_insert_with(Default::default).resources = Some(LinuxContainerResources {
+        memory_limit_in_bytes: 32 << 20,
+        ..Default::default()
+    });
+    let hog = host.create(&pod, hog).unwrap();
+    host.start_container(&hog).unwrap();
+    let s = exited(&hog);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+
+    // Resources updated on a running container reach its cgroup.
+    let app = host.run(
+        &pod,
+        "app",
+        &["sh", "-c", "while :; do echo tick; sleep 0.2; done"],
+    );
+    host.update(
+        &app,
+        LinuxContainerResources {
+            memory_limit_in_bytes: 48 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}"));
+    let limit = host.exec_ok(
+        &app,
+        &["cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes"],
+    );
+    assert_eq!(limit.trim(), (48u64 << 20).to_string());
+    let shares = host.exec_ok(&app, &["cat", "/sys/fs/cgroup/cpu/cpu.shares"]);
+    assert_eq!(shares.trim(), "512");
+
+    // The kubelet rotates the log: moves the file and asks for it to be reopened.
+    let log = host.log_path(&pod, "app");
+    poll("ticks in the log", T, || {
+        (!host.log_lines(&pod, "app").is_empty()).then_some(())
+    });
+    std::fs::rename(&log, log.with_extension("log.1")).unwrap();
+    host.reopen_log(&app)
+        .unwrap_or_else(|e| panic!("ReopenContainerLog: {e}"));
+    poll("ticks in the reopened log", T, || {
+        host.log_lines(&pod, "app")
+            .iter()
+            .any(|l| l == "tick")
+            .then_some(())
+    });
+    host.stop(&app, 1).unwrap();
+    let s = exited(&app);
+    assert_eq!(s.exit_code, 137, "killed after the grace period: {s:?}");
+});
