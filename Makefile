@@ -11,7 +11,7 @@ IMAGE_TAR := target/test-image/shimtest.tar
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.2 (built from Debian source), busybox-static, protoc
+deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.2 (built from Debian source), busybox-static, protoc, docker-registry, checkpointctl
 	bash scripts/install-deps.sh
 
 build: ## build the shim (debug, with the test-only switches of src/test_hooks.rs) — what the tests use
@@ -27,8 +27,9 @@ install: release ## put the shim in PREFIX/bin (/usr/local/bin) and register io.
 uninstall: ## remove the shim from PATH (the config entry stays: remove it by hand)
 	rm -f $(DESTDIR)$(PREFIX)/bin/$(SHIM)
 
-image: ## build the test image (OCI tar from local busybox-static)
+image: ## build the test images (OCI tars: busybox-static, and the CRI tests' pause image)
 	bash scripts/build-test-image.sh $(IMAGE_TAR)
+	bash scripts/build-test-image.sh --pause target/test-image/pause.tar
 
 demo: deps install ## the main job: install, build, register, run a container, checkpoint it (live, then exit), restore it, show it continued
 	bash scripts/demo.sh
@@ -36,7 +37,7 @@ demo: deps install ## the main job: install, build, register, run a container, c
 unit: ## unit tests of the shim
 	$(CARGO) test -p $(SHIM) -p shim-protos
 
-integration: build image ## integration tests: private containerd + runc + CRIU; scenarios run on io.containerd.runc.v2 and io.containerd.custom.v2 alike (checkpoint consistency, hostile input and load on ours)
+integration: build image ## integration tests: private containerd + runc + CRIU, through ctr, the Tasks API and the CRI; scenarios run on io.containerd.runc.v2 and io.containerd.custom.v2 alike (checkpoint consistency, hostile input and load on ours)
 	SHIMTEST_IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) $(CARGO) test -p integration --no-fail-fast -- --test-threads=2
 
 test: unit integration ## all tests (needs root and `make deps`)
