@@ -72,13 +72,16 @@ pub struct Containerd {
     child: Option<Child>,
 }
 
+/// Config to append, made from the instance's dir.
+pub type ConfigFragment = Box<dyn FnOnce(&Path) -> String>;
+
 /// What a test needs of its containerd beyond the default ctr host.
 #[derive(Default)]
 pub struct Setup {
-    /// Keep the CRI plugins, work in this namespace (k8s.io), and append what this returns (given
-    /// the instance's dir) to the config; then register io.containerd.custom.v2 in it the way
-    /// `make install` does (scripts/register-runtime.sh).
-    pub cri: Option<(String, Box<dyn FnOnce(&Path) -> String>)>,
+    /// Keep the CRI plugins, work in the CRI's namespace (k8s.io), and append this fragment to the
+    /// config; then register io.containerd.custom.v2 in it the way `make install` does
+    /// (scripts/register-runtime.sh).
+    pub cri: Option<ConfigFragment>,
 }
 
 fn config_toml(root: &Path, state: &Path, address: &Path, level: &str, cri: bool) -> String {
@@ -152,9 +155,10 @@ impl Containerd {
             .unwrap_or(0);
         let tag = format!("{pid}-{n}-{:04x}", nanos & 0xffff);
         let dir = base.join(format!("shimtest-{tag}"));
-        let (namespace, cri) = match setup.cri {
-            Some((ns, extra)) => (ns, Some(extra)),
-            None => (format!("shimtest-{tag}"), None),
+        let cri = setup.cri;
+        let namespace = match cri {
+            Some(_) => "k8s.io".to_string(),
+            None => format!("shimtest-{tag}"),
         };
         fs::create_dir_all(&base).expect("create temp base dir");
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
@@ -190,7 +194,7 @@ impl Containerd {
             toml.push_str(&extra(&cd.dir));
         }
         fs::write(&config, toml).expect("write config.toml");
-        if cd.namespace == "k8s.io" {
+        if cd.namespace != cd.tag {
             let script = workspace_root().join("scripts").join("register-runtime.sh");
             let mut c = Command::new("bash");
             c.arg(&script).arg(&config);

@@ -116,18 +116,13 @@ impl CriHost {
         let registry = Registry::start(&reg_dir);
         let reg_for_config = registry.addr().to_string();
         let cd = Containerd::start_with(Setup {
-            cri: Some((
-                "k8s.io".to_string(),
-                Box::new(move |dir: &Path| {
-                    let certs = dir.join("certs.d");
-                    std::fs::create_dir_all(dir.join("cni").join("conf"))
-                        .expect("create cni conf dir");
-                    std::fs::create_dir_all(dir.join("cni").join("bin"))
-                        .expect("create cni bin dir");
-                    Registry::hosts_toml(&reg_for_config, &certs);
-                    cri_config(dir)
-                }),
-            )),
+            cri: Some(Box::new(move |dir: &Path| {
+                let certs = dir.join("certs.d");
+                std::fs::create_dir_all(dir.join("cni").join("conf")).expect("create cni conf dir");
+                std::fs::create_dir_all(dir.join("cni").join("bin")).expect("create cni bin dir");
+                Registry::hosts_toml(&reg_for_config, &certs);
+                cri_config(dir)
+            })),
         });
         cd.ctr_ok(["images", "import", pause.to_str().expect("utf-8 path")]);
         let image = format!("{}/shimtest:latest", registry.addr());

@@ -246,7 +246,9 @@ both_handlers!(
             host.exec_ok(&a, &["cat", "/proc/1/cmdline"]),
             "sleep\u{0}1000\u{0}"
         );
-        assert_eq!(host.exec_ok(&b, &["hostname"]).trim().is_empty(), false);
+        // Host networking: the node's UTS namespace, so the node's name.
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(host.exec_ok(&b, &["hostname"]).trim(), node.trim());
         let (mem, cpu) = poll("stats of a", T, || {
             host.stats(&a).ok().filter(|(m, c)| *m > 0 && *c > 0)
         });
