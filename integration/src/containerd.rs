@@ -783,6 +783,8 @@ impl Containerd {
         let runc_ns = Path::new(RUNC_ROOT).join(&self.namespace);
         // k8s.io is shared by every CRI host: only our own containers (bundles in our state dir).
         let shared = self.namespace != self.tag;
+        // runc records the bundle as the kernel resolves it.
+        let state_dir = fs::canonicalize(&self.state).unwrap_or_else(|_| self.state.clone());
         let ours = |id: &OsStr| {
             let state = runc_ns.join(id).join("state.json");
             let bundle = fs::read(state)
@@ -797,7 +799,7 @@ impl Containerd {
                             .next()
                     })
                 });
-            bundle.is_some_and(|b| b.starts_with(&self.state))
+            bundle.is_some_and(|b| b.starts_with(&state_dir))
         };
         if let Ok(rd) = fs::read_dir(&runc_ns) {
             for e in rd.flatten().filter(|e| !shared || ours(&e.file_name())) {

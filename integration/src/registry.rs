@@ -23,14 +23,27 @@ pub struct Registry {
 
 impl Registry {
     /// Starts a registry keeping its blobs in `dir` (created), on a free port of 127.0.0.1, and
-    /// waits until `GET /v2/` answers. Panics with the registry's log when it does not.
+    /// waits until it answers `GET /v2/`. Panics with the registry's log when it does not.
     pub fn start(dir: &Path) -> Registry {
-        fs::create_dir_all(dir.join("storage")).expect("create registry dir");
-        // A free port: bound, read and released (the registry binds it right after).
+        let mut last = String::new();
+        // A port found free can be taken before the registry binds it (another test's registry):
+        // then ours exits, and another port is tried.
+        for _ in 0..5 {
+            match Self::start_on_free_port(dir) {
+                Ok(r) => return r,
+                Err(e) => last = e,
+            }
+        }
+        panic!("docker-registry would not start: {last}");
+    }
+
+    fn start_on_free_port(dir: &Path) -> Result<Registry, String> {
+        // A failed attempt's drop removed it.
+        fs::create_dir_all(dir.join("storage")).map_err(|e| format!("create registry dir: {e}"))?;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
-            .expect("find a free loopback port");
+            .map_err(|e| format!("find a free loopback port: {e}"))?;
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("config.yml");
         fs::write(
@@ -40,32 +53,45 @@ impl Registry {
                 dir.join("storage").display()
             ),
         )
-        .expect("write registry config");
-        let log = fs::File::create(dir.join("registry.log")).expect("create registry log");
+        .map_err(|e| format!("write registry config: {e}"))?;
+        let log_path = dir.join("registry.log");
+        let log = fs::File::create(&log_path).map_err(|e| format!("create registry log: {e}"))?;
         let child = Command::new(crate::host::which("docker-registry"))
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("dup log"))
+            .stdout(log.try_clone().map_err(|e| format!("dup log: {e}"))?)
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start docker-registry (scripts/install-deps.sh installs it): {e}")
-            });
-        let r = Registry {
+            .map_err(|e| {
+                format!("cannot start docker-registry (scripts/install-deps.sh installs it): {e}")
+            })?;
+        let mut r = Registry {
             dir: dir.to_path_buf(),
             addr,
             child: Some(child),
         };
-        let up = poll_until(Duration::from_secs(20), || r.answers().then_some(()));
-        if up.is_none() {
-            let log = fs::read_to_string(r.dir.join("registry.log")).unwrap_or_default();
-            panic!(
-                "docker-registry did not answer on {} within 20 s:\n{log}",
-                r.addr
-            );
+        // Ours answering, not whoever else holds the port: the child must be alive.
+        let up = poll_until(Duration::from_secs(20), || {
+            let exited = r
+                .child
+                .as_mut()
+                .is_none_or(|c| !matches!(c.try_wait(), Ok(None)));
+            if exited {
+                return Some(false);
+            }
+            r.answers().then_some(true)
+        });
+        match up {
+            Some(true) => Ok(r),
+            _ => {
+                let log = fs::read_to_string(&log_path).unwrap_or_default();
+                Err(format!(
+                    "docker-registry on {} did not answer:\n{log}",
+                    r.addr
+                ))
+            }
         }
-        r
     }
 
     /// `127.0.0.1:PORT`: the registry part of an image reference.

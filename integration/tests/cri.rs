@@ -215,6 +215,18 @@ both_handlers!(
             }
             poll(format!("{id} RUNNING after the deadline"), T, running);
             assert_counter_goes_on(host, &id, &token, n, "after the deadline");
+            // containerd's CRI handler of the abandoned call runs on (it waits for its resume)
+            // and finally removes its work dir, which has one fixed name per container: a call
+            // started before that loses its own dir (a containerd race, whatever the shim).
+            let work = host
+                .containerd()
+                .root_dir()
+                .join("io.containerd.grpc.v1.cri/containers")
+                .join(&id)
+                .join("ctrd-checkpoint");
+            poll("containerd done with the abandoned call", T, || {
+                (!work.exists()).then_some(())
+            });
         }
         // And a checkpoint with time enough works afterwards.
         let (token, n) = checkpoint_workload(host, &id, &archive);

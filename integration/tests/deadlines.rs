@@ -176,9 +176,9 @@ fn checkpoint_deadline_at_every_moment_custom() {
 }
 
 /// containerd's CRI pauses a task, checkpoints it with no options and resumes it with the same
-/// context: once the caller's deadline has passed, that resume may never reach the shim (the Go
-/// shim refuses it, and the task stays paused for good). The shim ends that pause itself. A task
-/// paused by anyone else stays paused.
+/// context: once the caller's deadline has passed, that resume may come late or never (the Go
+/// shim refuses a late one, and the task stays paused for good). The shim ends that pause itself.
+/// A task paused by anyone else stays paused.
 #[test]
 fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
     run_scenario(Runtime::Custom, |rt, cd| {
@@ -199,6 +199,21 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
         api.set_timeout(None);
         assert_gave_up(&err, "the CRI's checkpoint");
         assert_running_and_thawed(cd, id, pid, "after the CRI's caller gave up");
+
+        // Paused by its user, then checkpointed with no options once the moment of a CRI
+        // checkpoint's own pause has passed: the user's pause stays.
+        cd.ctr_ok(["tasks", "pause", id]);
+        std::thread::sleep(Duration::from_millis(3500)); // the CRI's pause window (3 s) passing
+        api.set_timeout(Some(deadline));
+        let err = api
+            .checkpoint(id, None)
+            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
+        api.set_timeout(None);
+        assert_gave_up(&err, "a checkpoint of a task its user paused");
+        std::thread::sleep(Duration::from_secs(1)); // a resume, if one were coming, would be here
+        assert_eq!(cd.task(id).map(|t| t.status).as_deref(), Some("PAUSED"));
+        assert_eq!(freezer_state(cd, id).as_deref(), Some("FROZEN"));
+        cd.ctr_ok(["tasks", "resume", id]);
 
         // A client that sends options (ctr, the kubelet through the Go shim's runtime name)
         // paused it itself: paused it stays.

@@ -323,9 +323,15 @@ impl Drop for CreatingEntry {
     }
 }
 
-/// The request's own timeout, if the client set one.
+/// The request's own timeout, if the client set one. Go's ttrpc sends a
+/// negative one when the deadline passed before the request left: then the
+/// caller is gone already.
 fn deadline(ctx: &TtrpcContext) -> Option<std::time::Duration> {
-    (ctx.timeout_nano > 0).then(|| std::time::Duration::from_nanos(ctx.timeout_nano as u64))
+    match ctx.timeout_nano {
+        0 => None,
+        t if t < 0 => Some(std::time::Duration::ZERO),
+        t => Some(std::time::Duration::from_nanos(t as u64)),
+    }
 }
 
 fn empty<T>(r: Result<T>) -> TtrpcResult<Empty> {
@@ -396,6 +402,10 @@ impl Task for Service {
         empty(r.await)
     }
 
+    /// Honoured whatever its deadline says: containerd's client sends the
+    /// resume that ends its checkpoint's pause with the checkpoint's context,
+    /// expired when the checkpoint's caller gave up. Refusing it would leave
+    /// the task paused for good (the Go shim does).
     async fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<Empty> {
         debug!("resume {}", req.id);
         let r = async {

@@ -179,16 +179,21 @@ pub fn v2_dir_of(pid: i32) -> Option<PathBuf> {
 
 /// The v1 memory cgroup directory of `pid`, for OOM notifications.
 pub fn v1_memory_of(pid: i32) -> Option<PathBuf> {
+    v1_of(pid, "memory")
+}
+
+/// The v1 cgroup of `controller` that process `pid` is in.
+pub fn v1_of(pid: i32, controller: &str) -> Option<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let rel = text.lines().find_map(|l| {
         let mut parts = l.splitn(3, ':');
         let (_, c, p) = (parts.next()?, parts.next()?, parts.next()?);
         c.split(',')
-            .any(|c| c == "memory")
+            .any(|c| c == controller)
             .then(|| p.trim_start_matches('/').to_string())
     })?;
-    Some(v1_mount(&mounts, "memory")?.join(rel))
+    Some(v1_mount(&mounts, controller)?.join(rel))
 }
 
 #[cfg(test)]

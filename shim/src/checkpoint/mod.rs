@@ -69,12 +69,23 @@ pub enum FilesBy {
 }
 
 impl FilesBy {
+    /// How long before a checkpoint request containerd's pause can have come:
+    /// its client sends Pause and Checkpoint back to back.
+    pub const CRI_PAUSE_WINDOW: Duration = Duration::from_secs(3);
+
     /// At a checkpoint: containerd's CRI is the caller when the container is
-    /// one of its application containers, the task was paused before the
-    /// call, and the request carries no options (the CRI sends none for a
-    /// runtime not named runc; `ctr` and the companion tools always do).
-    pub fn at_checkpoint(cri_container: bool, opts: &CheckpointOptions, status: Status) -> Self {
-        if cri_container && !opts.given && status == Status::Paused {
+    /// one of its application containers, still paused by a Pause that came
+    /// just before the request (`paused_just_before`, within
+    /// [`Self::CRI_PAUSE_WINDOW`]: a pause of its user's is older), and the
+    /// request carries no options (the CRI sends none for a runtime not named
+    /// runc; `ctr` and the companion tools always do).
+    pub fn at_checkpoint(
+        cri_container: bool,
+        opts: &CheckpointOptions,
+        status: Status,
+        paused_just_before: bool,
+    ) -> Self {
+        if cri_container && !opts.given && status == Status::Paused && paused_just_before {
             FilesBy::ContainerdCri
         } else {
             FilesBy::Shim
@@ -555,12 +566,17 @@ mod tests {
             ..Default::default()
         };
         let cri = FilesBy::at_checkpoint;
-        assert_eq!(cri(true, &none, Status::Paused), FilesBy::ContainerdCri);
+        assert_eq!(
+            cri(true, &none, Status::Paused, true),
+            FilesBy::ContainerdCri
+        );
         // Running: nobody paused it to take a diff of their own.
-        assert_eq!(cri(true, &none, Status::Running), FilesBy::Shim);
+        assert_eq!(cri(true, &none, Status::Running, true), FilesBy::Shim);
+        // Paused long before: its user's pause, not containerd's for this checkpoint.
+        assert_eq!(cri(true, &none, Status::Paused, false), FilesBy::Shim);
         // Options sent: ctr or another client, which rely on the shim's diff.
-        assert_eq!(cri(true, &ctr, Status::Paused), FilesBy::Shim);
-        assert_eq!(cri(false, &none, Status::Paused), FilesBy::Shim);
+        assert_eq!(cri(true, &ctr, Status::Paused, true), FilesBy::Shim);
+        assert_eq!(cri(false, &none, Status::Paused, true), FilesBy::Shim);
     }
 
     #[test]

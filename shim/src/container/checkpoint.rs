@@ -3,7 +3,11 @@
 //! them) and the [`Target`] they see of it. What they do is in
 //! `crate::checkpoint`.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use containerd_shim_protos::events::task::TaskResumed;
 use log::{debug, info};
@@ -31,12 +35,14 @@ impl Container {
     /// Checkpoints the container into `path`. The work runs to completion or
     /// rolls back in a task of its own: a caller that gives up (a deadline, a
     /// closed connection) leaves the container as it was — running and
-    /// thawed, or paused if it was — with no partial files.
+    /// thawed, or paused if it was — with no partial files. On containerd's
+    /// CRI path the pause is containerd's, and it is ended (see
+    /// [`Self::end_cri_pause`]).
     pub async fn checkpoint(
         self: &Arc<Self>,
         path: PathBuf,
         opts: CheckpointOptions,
-        deadline: Option<std::time::Duration>,
+        deadline: Option<Duration>,
     ) -> Result<()> {
         let this = self.clone();
         // Seen now, in the request: containerd makes the directory before it
@@ -49,20 +55,39 @@ impl Container {
                 path.display()
             )));
         }
+        let arrived = Instant::now();
+        // A pause that came just before this request, of a CRI container
+        // asked with no options: containerd's CRI paused it for this checkpoint.
+        let pauses = *lock(&self.pauses);
+        let cri_pause = (self.cri_container && !opts.given)
+            .then_some(pauses)
+            .filter(|p| {
+                p.since
+                    .is_some_and(|t| t.elapsed() < FilesBy::CRI_PAUSE_WINDOW)
+            })
+            .map(|p| p.generation);
         owned::run_within(deadline, move |caller| async move {
-            let (files, result) = {
+            let result = async {
                 let _op = this.ops.lock().await;
                 caller.check("the checkpoint")?;
                 let status = this
                     .init
                     .require(&[Status::Running, Status::Paused], "checkpoint")?;
-                let files = FilesBy::at_checkpoint(this.cri_container, &opts, status);
+                let files =
+                    FilesBy::at_checkpoint(this.cri_container, &opts, status, cri_pause.is_some());
                 let target = this.target();
-                let r = checkpoint::dump(&target, &path, &opts, status, files, &caller).await;
-                (files, r)
-            };
-            if result.is_err() && caller.gone() && files == FilesBy::ContainerdCri {
-                this.end_cri_pause().await;
+                checkpoint::dump(&target, &path, &opts, status, files, &caller).await
+            }
+            .await;
+            if let Some(generation) = cri_pause {
+                let ends = if caller.gone() {
+                    Some(Instant::now())
+                } else {
+                    deadline.map(|d| arrived + d)
+                };
+                if let Some(at) = ends {
+                    this.end_cri_pause(generation, at);
+                }
             }
             result
         })
@@ -70,28 +95,39 @@ impl Container {
     }
 
     /// containerd's CRI paused the task only to checkpoint it, and resumes it
-    /// when done — with the same context, whose deadline has passed when its
-    /// caller gave up, so that resume may never come (the Go shim refuses it
-    /// and the container stays paused for good). The shim ends that pause
-    /// itself; a resume from containerd that comes anyway finds it running.
-    async fn end_cri_pause(&self) {
-        match self.resume().await {
-            Ok(()) => {
-                info!(
-                    "container {}: the CRI checkpoint's caller gave up; resumed the task containerd paused for it",
-                    self.id
-                );
-                self.shared.publisher.publish(TaskResumed {
-                    container_id: self.id.clone(),
-                    ..Default::default()
-                });
+    /// when done — with the same context, whose deadline may have passed by
+    /// then. This shim honours such a late Resume (the Go shim refuses it and
+    /// the container stays paused for good), but a containerd that died or
+    /// lost its connection sends none. So at the caller's deadline (`at`), or
+    /// at once if it is gone already, the shim ends that same pause itself:
+    /// only if no Pause or Resume came since (`generation`), so that a pause
+    /// of anyone else's stays.
+    fn end_cri_pause(self: &Arc<Self>, generation: u64, at: Instant) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let _op = this.ops.lock().await;
+            if lock(&this.pauses).generation != generation {
+                return;
             }
-            // Resumed already (containerd's own resume came first), or gone.
-            Err(e) => debug!(
-                "container {}: no resume after the CRI checkpoint: {e}",
-                self.id
-            ),
-        }
+            match this.resume_locked().await {
+                Ok(()) => {
+                    info!(
+                        "container {}: the CRI checkpoint's caller is gone; resumed the task containerd paused for it",
+                        this.id
+                    );
+                    this.shared.publisher.publish(TaskResumed {
+                        container_id: this.id.clone(),
+                        ..Default::default()
+                    });
+                }
+                // Gone, or exited with the checkpoint.
+                Err(e) => debug!(
+                    "container {}: no resume after the CRI checkpoint: {e}",
+                    this.id
+                ),
+            }
+        });
     }
 
     /// Applies a checkpoint's files at Create; its memory comes back at Start.

@@ -85,6 +85,7 @@ impl Container {
             deferred_init_exit: Mutex::new(None),
             ops: tokio::sync::Mutex::new(()),
             restore: Mutex::new(None),
+            pauses: Mutex::new(Default::default()),
             kill_all_on_exit,
             cri_container,
         });
@@ -278,15 +279,28 @@ impl Container {
         self.init.require(&[Status::Running], "pause")?;
         self.runc.pause(&self.id).await?;
         self.init
-            .transition(&[Status::Running], Status::Paused, "pause")
+            .transition(&[Status::Running], Status::Paused, "pause")?;
+        let mut p = super::lock(&self.pauses);
+        p.generation += 1;
+        p.since = Some(Instant::now());
+        Ok(())
     }
 
     pub async fn resume(&self) -> Result<()> {
         let _op = self.ops.lock().await;
+        self.resume_locked().await
+    }
+
+    /// Resume, the container's lock held.
+    pub(super) async fn resume_locked(&self) -> Result<()> {
         self.init.require(&[Status::Paused], "resume")?;
         self.runc.resume(&self.id).await?;
         self.init
-            .transition(&[Status::Paused], Status::Running, "resume")
+            .transition(&[Status::Paused], Status::Running, "resume")?;
+        let mut p = super::lock(&self.pauses);
+        p.generation += 1;
+        p.since = None;
+        Ok(())
     }
 
     pub async fn update(&self, resources: &Any) -> Result<()> {
@@ -351,10 +365,12 @@ impl Container {
             let mut metrics =
                 collect_metrics(&cgroup).map_err(Error::shim("collect cgroup metrics"))?;
             // The collector leaves CPU usage out: from cpuacct, as the Go shim reads it.
-            if let Some(cg) = &own {
-                let dir = |c: &str| cg.v1.get(c).map(PathBuf::as_path);
-                metrics.cpu = Some(crate::cgroup::cpu_v1::stat(dir("cpuacct"), dir("cpu"))).into();
-            }
+            let dir = |c: &str| match &own {
+                Some(cg) => cg.v1.get(c).cloned(),
+                None => crate::cgroup::v1_of(pid, c),
+            };
+            let (acct, cpu) = (dir("cpuacct"), dir("cpu"));
+            metrics.cpu = Some(crate::cgroup::cpu_v1::stat(acct.as_deref(), cpu.as_deref())).into();
             // The collector leaves the limit out; containerd's clients show it.
             let memory = match own {
                 Some(cg) => cg.memory_v1,

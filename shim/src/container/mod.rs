@@ -60,6 +60,18 @@ pub struct Container {
     kill_all_on_exit: bool,
     /// An application container of containerd's CRI (see [`is_cri_container`]).
     cri_container: bool,
+    /// Which pause the task is in, and since when.
+    pauses: Mutex<Pauses>,
+}
+
+/// Pauses and resumes, counted, so that the shim can tell one pause from the
+/// next (containerd's CRI pausing for a checkpoint, or someone else).
+#[derive(Clone, Copy, Debug, Default)]
+struct Pauses {
+    /// Bumped by every pause and resume.
+    generation: u64,
+    /// When the current pause began; None while not paused by a Pause request.
+    since: Option<Instant>,
 }
 
 /// Whether a container's processes outlive its init (Go's `ShouldKillAllOnExit`):
