@@ -175,6 +175,18 @@ fn checkpoint_deadline_at_every_moment_custom() {
     });
 }
 
+/// `ctr tasks pause`, again while runc answers "unable to freeze": right after a CRIU dump, the
+/// v1 freezer can fail to settle within runc's tries (seen under load, with either shim).
+fn pause(cd: &Containerd, id: &str) {
+    let mut last = String::new();
+    let paused = integration::poll_until(T, || {
+        let out = cd.ctr(["tasks", "pause", id]);
+        last = integration::show(&out);
+        out.status.success().then_some(())
+    });
+    assert!(paused.is_some(), "ctr tasks pause {id}: {last}");
+}
+
 /// containerd's CRI pauses a task, checkpoints it with no options and resumes it with the same
 /// context: once the caller's deadline has passed, that resume may come late or never (the Go
 /// shim refuses a late one, and the task stays paused for good). The shim ends that pause itself.
@@ -191,7 +203,7 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
         let deadline = Duration::from_millis(150);
 
         // As containerd's CRI does it, and its caller gives up.
-        cd.ctr_ok(["tasks", "pause", id]);
+        pause(cd, id);
         api.set_timeout(Some(deadline));
         let err = api
             .checkpoint(id, None)
@@ -202,7 +214,7 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
 
         // Paused by its user, then checkpointed with no options once the moment of a CRI
         // checkpoint's own pause has passed: the user's pause stays.
-        cd.ctr_ok(["tasks", "pause", id]);
+        pause(cd, id);
         std::thread::sleep(Duration::from_millis(3500)); // the CRI's pause window (3 s) passing
         api.set_timeout(Some(deadline));
         let err = api
@@ -217,7 +229,7 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
 
         // A client that sends options (ctr, the kubelet through the Go shim's runtime name)
         // paused it itself: paused it stays.
-        cd.ctr_ok(["tasks", "pause", id]);
+        pause(cd, id);
         api.set_timeout(Some(deadline));
         let err = api
             .checkpoint(id, Some(CheckpointOptions::default().to_any()))
