@@ -23,6 +23,10 @@ pub const RUNTIME_NAME: &str = "io.containerd.custom.v2";
 // (freezing, the rootfs diff) goes to the blocking pool.
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // CRIU runs the shim as its action script at a restore (see checkpoint/loopback.rs).
+    if checkpoint::loopback::is_action() {
+        std::process::exit(checkpoint::loopback::run_action());
+    }
     let args: Vec<String> = std::env::args().collect();
     if args
         .iter()

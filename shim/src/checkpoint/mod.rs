@@ -7,6 +7,7 @@
 //! lock, its state, an owned task: see `container/checkpoint.rs`).
 
 pub mod layout;
+pub mod loopback;
 mod restore;
 pub mod rootfs_diff;
 

@@ -200,6 +200,11 @@ impl Container {
             no_pivot: self.options.no_pivot_root,
         };
         let child = pending.take_child();
+        // lo up in the namespace CRIU makes (runc does not); config.json is put back on drop.
+        let _loopback = crate::checkpoint::loopback::install(&self.bundle).unwrap_or_else(|e| {
+            warn!("container {}: restore without bringing lo up: {e}", self.id);
+            None
+        });
         let started = Instant::now();
         let restored = pending
             .run(self.runc.restore(&self.id, &self.bundle, &opts, child))
