@@ -46,7 +46,7 @@ mkdir -p "$(dirname "$out")"
 exec 9>"$out.lock"
 flock 9
 
-stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$BUSYBOX" "$here/pause.c" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
+stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$here/oci-image.sh" "$BUSYBOX" "$here/pause.c" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out" ] && [ -f "$out.stamp" ] && [ "$(cat "$out.stamp")" = "$stamp_want" ]; then
   echo "build-test-image: $out is up to date ($IMAGE_NAME)"
   exit 0
@@ -100,59 +100,9 @@ mkdir -p "$rootfs/data/replace"
 printf 'old\n' >"$rootfs/data/replace/old.txt"
 fi
 
-# --- layer ------------------------------------------------------------------------------------
-layer_tar="$work/layer.tar"
-tar --create --file "$layer_tar" --directory "$rootfs" \
-  --sort=name --format=gnu --numeric-owner --owner=0 --group=0 \
-  --mtime="@$EPOCH" --no-acls --no-xattrs --no-selinux \
-  .
-diff_id=$(sha256sum "$layer_tar" | cut -d' ' -f1)
-gzip -n -6 -c "$layer_tar" >"$work/layer.tar.gz"
-
-# --- OCI layout ---------------------------------------------------------------------------------
-layout="$work/layout"
-blobs="$layout/blobs/sha256"
-mkdir -p "$blobs"
-
-# add_blob FILE -> prints "DIGEST SIZE", moves FILE into blobs/
-add_blob() {
-  local d s
-  d=$(sha256sum "$1" | cut -d' ' -f1)
-  s=$(stat -c %s "$1")
-  mv "$1" "$blobs/$d"
-  echo "$d $s"
-}
-
-read -r layer_digest layer_size < <(add_blob "$work/layer.tar.gz")
-
-created=$(date -u -d "@$EPOCH" +%Y-%m-%dT%H:%M:%SZ)
-printf '%s' \
-  '{"architecture":"amd64","os":"linux","created":"'"$created"'",' \
-  '"config":{'"$image_config"'},' \
-  '"rootfs":{"type":"layers","diff_ids":["sha256:'"$diff_id"'"]},' \
-  '"history":[{"created":"'"$created"'","created_by":"scripts/build-test-image.sh"}]}' \
-  >"$work/config.json"
-read -r config_digest config_size < <(add_blob "$work/config.json")
-
-printf '%s' \
-  '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",' \
-  '"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:'"$config_digest"'","size":'"$config_size"'},' \
-  '"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:'"$layer_digest"'","size":'"$layer_size"'}]}' \
-  >"$work/manifest.json"
-read -r manifest_digest manifest_size < <(add_blob "$work/manifest.json")
-
-printf '%s' \
-  '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[' \
-  '{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:'"$manifest_digest"'","size":'"$manifest_size"',' \
-  '"platform":{"architecture":"amd64","os":"linux"},' \
-  '"annotations":{"io.containerd.image.name":"'"$IMAGE_NAME"'","org.opencontainers.image.ref.name":"'"$IMAGE_TAG"'"}}]}' \
-  >"$layout/index.json"
-printf '{"imageLayoutVersion":"1.0.0"}' >"$layout/oci-layout"
-
-tmp_out="$out.tmp.$$"
-tar --create --file "$tmp_out" --directory "$layout" \
-  --sort=name --format=gnu --numeric-owner --owner=0 --group=0 --mtime="@$EPOCH" \
-  oci-layout index.json blobs
-mv -f "$tmp_out" "$out"
+# --- layer and OCI layout ----------------------------------------------------------------------
+# shellcheck source=scripts/oci-image.sh
+. "$here/oci-image.sh"
+write_oci_image "$rootfs" "$work" "$out" "$IMAGE_NAME" "$IMAGE_TAG" "$image_config" "$EPOCH" root
 echo "$stamp_want" >"$out.stamp"
-echo "build-test-image: wrote $out ($IMAGE_NAME, manifest sha256:$manifest_digest, $n applets)"
+echo "build-test-image: wrote $out ($IMAGE_NAME, manifest sha256:$OCI_MANIFEST_DIGEST, $n applets)"

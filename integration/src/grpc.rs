@@ -321,6 +321,25 @@ impl Client {
         runtime: Option<&str>,
         annotations: &[(&str, &str)],
     ) -> Result<(), String> {
+        self.try_clone_container_with(template, new_id, runtime, |spec| {
+            for (k, v) in annotations {
+                if !spec["annotations"].is_object() {
+                    spec["annotations"] = serde_json::json!({});
+                }
+                spec["annotations"][*k] = serde_json::Value::String(v.to_string());
+            }
+        })
+    }
+
+    /// [`Self::try_clone_container`] with the new container's spec changed by `edit` (after its
+    /// cgroup is set).
+    pub fn try_clone_container_with(
+        &self,
+        template: &str,
+        new_id: &str,
+        runtime: Option<&str>,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<(), String> {
         let t = self.try_container(template)?;
         let mut snaps = SnapshotsClient::new(self.channel.clone());
         let info = self
@@ -358,12 +377,7 @@ impl Client {
             .map_err(|e| format!("spec is not JSON: {e}"))?;
         spec["linux"]["cgroupsPath"] =
             serde_json::Value::String(format!("/{}/{new_id}", self.namespace));
-        for (k, v) in annotations {
-            if !spec["annotations"].is_object() {
-                spec["annotations"] = serde_json::json!({});
-            }
-            spec["annotations"][*k] = serde_json::Value::String(v.to_string());
-        }
+        edit(&mut spec);
         let runtime = match runtime {
             None => t.runtime.clone(),
             Some(name) => Some(ContainerRuntime {

@@ -42,6 +42,7 @@ pub mod cri;
 pub mod faults;
 pub mod grpc;
 pub mod host;
+pub mod netns;
 pub mod poll;
 mod process;
 mod pty;

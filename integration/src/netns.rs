@@ -1,0 +1,81 @@
+//! Network namespaces for tests that need hosts of their own (`ip netns`, iproute2): created with
+//! a unique name, deleted on drop.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::run_with_timeout;
+use crate::show;
+
+/// A named network namespace (`/run/netns/<name>`), its `lo` up.
+pub struct NetNs {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    let mut c = Command::new(crate::host::which("ip"));
+    c.args(args);
+    let out = run_with_timeout(&mut c, None, Duration::from_secs(30))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), show(&out)))
+    }
+}
+
+impl NetNs {
+    /// `ip netns add <prefix>-<pid>-<n>`, with `lo` up.
+    pub fn add(prefix: &str) -> NetNs {
+        let name = format!("{prefix}-{}-{}", std::process::id(), crate::unique());
+        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path, for a spec's network namespace or `ctr run --with-ns network:PATH`.
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n <name> ARGS`, which must succeed; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A command run inside this namespace (`ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(crate::host::which("ip"));
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// A veth pair between `self` and `peer`, each end up with its address (`10.x.y.z/24`).
+    pub fn veth_to(&self, addr: &str, peer: &NetNs, peer_addr: &str) {
+        let n = crate::unique();
+        let (a, b) = (format!("st{n}a"), format!("st{n}b"));
+        ip(&[
+            "link", "add", &a, "netns", &self.name, "type", "veth", "peer", "name", &b, "netns",
+            &peer.name,
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.ip(&["addr", "add", addr, "dev", &a]);
+        self.ip(&["link", "set", &a, "up"]);
+        peer.ip(&["addr", "add", peer_addr, "dev", &b]);
+        peer.ip(&["link", "set", &b, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("{e}");
+        }
+    }
+}
