@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing containerd-shim-custom-v2 needs on a fresh Debian bookworm
 # machine: containerd 2.x (sid), runc, CRIU >= 4.2 built from Debian's source package, busybox-static,
-# protoc, docker-registry, checkpointctl. Idempotent: each step checks first and says what it does.
+# protoc, docker-registry, checkpointctl, debootstrap (the workload image). Idempotent: each step checks first and says what it does.
 set -euo pipefail
 
 say() { echo "[deps] $*"; }
@@ -63,7 +63,8 @@ if ! containerd_ok; then
 fi
 say "containerd: $(containerd --version)"
 
-install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux build-essential
+install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux build-essential \
+  debootstrap
 say "runc: $(runc --version | head -1)"
 
 # 4.2: on Linux >= 6.16 CRIU 4.1 cannot dump TCP sockets (SO_PASSCRED/SO_PASSSEC refused), and it

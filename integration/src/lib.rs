@@ -168,6 +168,30 @@ pub fn built_image(flag: &str) -> Result<PathBuf, String> {
     Ok(tar)
 }
 
+/// The real-program image (redis, postgresql, nginx, python3 from Debian), built once per machine
+/// by scripts/build-workload-image.sh into its cache (or `SHIMTEST_WORKLOAD_IMAGE_TAR`).
+pub fn workload_image() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("SHIMTEST_WORKLOAD_IMAGE_TAR").map(PathBuf::from) {
+        return Ok(p);
+    }
+    let script = workspace_root()
+        .join("scripts")
+        .join("build-workload-image.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script);
+    let out = process::run_with_timeout(&mut cmd, None, Duration::from_secs(1200))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let path = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.ends_with(".tar")))
+        .next_back()
+        .map(PathBuf::from);
+    match path {
+        Some(p) if out.status.success() && p.is_file() => Ok(p),
+        _ => Err(format!("{} failed: {}", script.display(), show(&out))),
+    }
+}
+
 /// A number no other call in this process gets (for unique names).
 pub fn unique() -> usize {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

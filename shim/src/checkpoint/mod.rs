@@ -525,16 +525,26 @@ fn first_criu_error(log: &Path) -> Option<String> {
 }
 
 fn criu_error_line(text: &str) -> Option<String> {
-    text.lines()
-        .filter(|l| l.contains("Error") || l.contains("error"))
-        .find(|l| !l.contains("rlimit:") && !l.contains("exited, status="))
-        .map(|l| {
-            // Drop CRIU's "(00.012345) " timestamp prefix.
-            match l.split_once(") ") {
-                Some((ts, rest)) if ts.starts_with('(') => rest.trim().to_string(),
-                _ => l.trim().to_string(),
-            }
-        })
+    // CRIU's own errors read "Error (file.c:line): ..."; a file name with "error" in it
+    // (libgpg-error.so) is not one.
+    let line = text
+        .lines()
+        .filter(|l| l.contains("Error ("))
+        // Harmless: CRIU raising its own fd limit without CAP_SYS_RESOURCE.
+        .filter(|l| !l.contains("Can't setup RLIMIT_NOFILE for self"))
+        .find(|l| !l.contains("exited, status="))?;
+    // Drop CRIU's "(00.012345) " timestamp prefix and the pid column of a restore's log.
+    let line = match line.split_once("Error (") {
+        Some((_, rest)) => format!("Error ({rest}"),
+        None => line.trim().to_string(),
+    };
+    if line.contains("Can't get rlimit") && line.contains("Operation not permitted") {
+        // prlimit(2) on a process of another user needs CAP_SYS_RESOURCE.
+        return Some(format!(
+            "{line} (CRIU cannot read the limits of a process running as another user without CAP_SYS_RESOURCE, which this host does not grant)"
+        ));
+    }
+    Some(line)
 }
 
 fn criu_version(log: &Path) -> Option<String> {
@@ -606,6 +616,22 @@ Error (criu/util.c:641): execvp(\"iptables-restore\", ...) failed: No such file 
         assert_eq!(
             criu_error_line(log).as_deref(),
             Some("Error (criu/util.c:641): execvp(\"iptables-restore\", ...) failed: No such file or directory")
+        );
+        let log = "(00.048920) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.131422) Handling VMA with the following smaps entry: 7f5067e3a000-7f5067e3f000 r--p 00000000 00:30 10035910 /usr/lib/x86_64-linux-gnu/libgpg-error.so.0.33.1
+(00.145821) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted
+(00.236479) Error (criu/cr-dump.c:1975): Dumping FAILED.";
+        let line = criu_error_line(log).unwrap();
+        assert!(
+            line.starts_with("Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted (CRIU cannot read"),
+            "{line}"
+        );
+        let restore = "(00.171172)     10: Error (soccr/soccr.c:529): Can't connect inet socket back: Network is unreachable";
+        assert_eq!(
+            criu_error_line(restore).as_deref(),
+            Some(
+                "Error (soccr/soccr.c:529): Can't connect inet socket back: Network is unreachable"
+            )
         );
         assert_eq!(
             criu_error_line("(00.1) Error (criu/sk-unix.c:1): unix: Can't dump external socket")
