@@ -10,11 +10,13 @@
 //!
 //! The shim brings `lo` up in CRIU's `setup-namespaces` step, after the
 //! namespace exists and before any socket is restored, through a CRIU action
-//! script: the shim binary itself ([`run_action`]), named in a CRIU config
-//! file that runc hands to CRIU (the `org.criu.config` annotation). The
-//! config keeps what the user's own CRIU config says (their annotation, or
-//! runc's default `/etc/criu/runc.conf`), and the bundle's `config.json` is
-//! put back as it was once runc is done.
+//! script: the shim binary itself ([`run_action`]). It is named in a CRIU
+//! config file for that one restore, handed to CRIU in its environment
+//! (`CRIU_CONFIG_FILE`, which `criu swrk` reads at start): the bundle is not
+//! touched, and runc still passes the user's own CRIU config (the
+//! `org.criu.config` annotation, or `/etc/criu/runc.conf`), which CRIU reads
+//! as well. The script is named `/proc/<shim pid>/exe`: no quoting, and the
+//! running binary even after an upgrade replaced the file.
 //!
 //! A namespace the container joins by path (a CNI-made one, a pod's) is
 //! external to the checkpoint: whoever made it configured it.
@@ -24,14 +26,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use log::{info, warn};
-
 use crate::error::{Error, Result};
 
-/// The annotation runc reads its CRIU config file from.
-const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
-/// runc's CRIU config when the annotation is absent.
-const RUNC_DEFAULT_CRIU_CONFIG: &str = "/etc/criu/runc.conf";
 /// The config the shim writes for a restore, in the bundle.
 const RESTORE_CRIU_CONFIG: &str = "criu-restore.conf";
 
@@ -46,117 +42,76 @@ pub fn own_network_namespace(spec: &serde_json::Value) -> bool {
     })
 }
 
-/// The bundle's `config.json` as it was before [`install`], written back on
-/// drop.
+/// The CRIU config of one restore, removed on drop.
 pub struct Installed {
-    config: PathBuf,
-    original: Vec<u8>,
-    ours: PathBuf,
+    path: PathBuf,
+}
+
+impl Installed {
+    /// For `CRIU_CONFIG_FILE` in runc's environment.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        if let Err(e) = write_atomically(&self.config, &self.original) {
-            warn!("put back {}: {e}", self.config.display());
-        }
-        let _ = fs::remove_file(&self.ours);
+        let _ = fs::remove_file(&self.path);
     }
 }
 
-/// Points runc's restore in `bundle` at a CRIU config that runs this shim as
-/// the action script, if the container has a network namespace of its own.
-/// None when there is nothing to do.
+/// Writes the CRIU config of a restore in `bundle` if the container's spec
+/// gives it a network namespace of its own; None when there is nothing to do.
+/// A `CRIU_CONFIG_FILE` the shim itself was started with comes first in it.
 pub fn install(bundle: &Path) -> Result<Option<Installed>> {
     let config = bundle.join("config.json");
-    let original = fs::read(&config).map_err(Error::io(format!("read {}", config.display())))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&original)
+    let bytes = fs::read(&config).map_err(Error::io(format!("read {}", config.display())))?;
+    let spec: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(Error::json(format!("parse {}", config.display())))?;
     if !own_network_namespace(&spec) {
         return Ok(None);
     }
-    let shim = std::env::current_exe().map_err(Error::io("find the shim binary"))?;
-    let users = spec["annotations"][CRIU_CONFIG_ANNOTATION]
-        .as_str()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(RUNC_DEFAULT_CRIU_CONFIG));
-    let mut text = match fs::read_to_string(&users) {
-        Ok(t) => format!("# from {}\n{t}\n", users.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(Error::io(format!("read CRIU config {}", users.display()))(
-                e,
-            ));
-        }
-    };
-    text.push_str(&format!(
-        "# containerd-shim-custom-v2: bring lo up in the restored network namespace\naction-script {}\n",
-        quote(&shim.to_string_lossy())
-    ));
-    let ours = bundle.join(RESTORE_CRIU_CONFIG);
-    write_atomically(&ours, text.as_bytes())?;
-    let Some(obj) = spec.as_object_mut() else {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a JSON object",
-            config.display()
-        )));
-    };
-    let annotations = obj
-        .entry("annotations")
-        .or_insert_with(|| serde_json::json!({}));
-    if let Some(a) = annotations.as_object_mut() {
-        a.insert(
-            CRIU_CONFIG_ANNOTATION.into(),
-            ours.to_string_lossy().into_owned().into(),
-        );
+    let mut text = String::new();
+    if let Some(inherited) = std::env::var_os("CRIU_CONFIG_FILE") {
+        let inherited = PathBuf::from(inherited);
+        let t = fs::read_to_string(&inherited).map_err(Error::io(format!(
+            "read CRIU_CONFIG_FILE {}",
+            inherited.display()
+        )))?;
+        text.push_str(&t);
+        text.push('\n');
     }
-    let bytes = serde_json::to_vec(&spec).map_err(Error::json("encode config.json"))?;
-    write_atomically(&config, &bytes)?;
-    Ok(Some(Installed {
-        config,
-        original,
-        ours,
-    }))
+    text.push_str(&format!(
+        "# containerd-shim-custom-v2: bring lo up in the restored network namespace\naction-script /proc/{}/exe\n",
+        std::process::id()
+    ));
+    let path = bundle.join(RESTORE_CRIU_CONFIG);
+    fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+    Ok(Some(Installed { path }))
 }
 
-/// A CRIU config value in quotes, its quotes and backslashes escaped.
-fn quote(v: &str) -> String {
-    format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-custom-shim");
-    fs::write(&tmp, bytes)
-        .and_then(|_| fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            Error::io(format!("write {}", path.display()))(e)
-        })
-}
-
-/// Whether this process was started by CRIU as an action script.
+/// Whether this process was started by CRIU as an action script: CRIU runs
+/// it with no arguments and `CRTOOLS_SCRIPT_ACTION` set; containerd always
+/// passes flags.
 pub fn is_action() -> bool {
-    std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some()
+    std::env::var_os("CRTOOLS_SCRIPT_ACTION").is_some() && std::env::args_os().len() == 1
 }
 
 /// The action script: at `setup-namespaces`, `lo` up in the network
 /// namespace of the restored init (`CRTOOLS_INIT_PID`); every other action
-/// has nothing to do. Returns the exit code.
+/// has nothing to do. Returns the exit code: 0 even when `lo` could not come
+/// up, so that a container with no socket on it still restores; the line in
+/// CRIU's log (its stderr) then names the cause of a socket that fails.
 pub fn run_action() -> i32 {
     let action = std::env::var("CRTOOLS_SCRIPT_ACTION").unwrap_or_default();
     if action != "setup-namespaces" {
         return 0;
     }
     let pid = std::env::var("CRTOOLS_INIT_PID").unwrap_or_default();
-    match loopback_up(&pid) {
-        Ok(()) => {
-            info!("lo up in the network namespace of {pid}");
-            0
-        }
-        Err(e) => {
-            eprintln!("containerd-shim-custom-v2: bring lo up in the restored container: {e}");
-            1
-        }
+    if let Err(e) = loopback_up(&pid) {
+        eprintln!("Error (containerd-shim-custom-v2): lo could not come up in the restored network namespace: {e}");
     }
+    0
 }
 
 fn loopback_up(pid: &str) -> std::result::Result<(), String> {
@@ -226,30 +181,26 @@ mod tests {
     }
 
     #[test]
-    fn the_users_criu_config_is_kept_and_config_json_put_back() {
+    fn a_config_naming_the_running_shim_and_nothing_else_touched() {
         let dir = tempfile::tempdir().unwrap();
-        let users = dir.path().join("user.conf");
-        fs::write(&users, "tcp-close\n").unwrap();
         let original = serde_json::json!({
             "linux": {"namespaces": [{"type": "network"}]},
-            "annotations": {"org.criu.config": users.to_str().unwrap()},
+            "annotations": {"org.criu.config": "/etc/criu/mine.conf"},
         })
         .to_string();
         let config = dir.path().join("config.json");
         fs::write(&config, &original).unwrap();
         let installed = install(dir.path()).unwrap().expect("installed");
-        let now: serde_json::Value = serde_json::from_slice(&fs::read(&config).unwrap()).unwrap();
-        let ours = dir.path().join(RESTORE_CRIU_CONFIG);
-        assert_eq!(
-            now["annotations"]["org.criu.config"],
-            ours.to_str().unwrap()
+        let text = fs::read_to_string(installed.path()).unwrap();
+        assert!(
+            text.contains(&format!("action-script /proc/{}/exe\n", std::process::id())),
+            "{text}"
         );
-        let text = fs::read_to_string(&ours).unwrap();
-        assert!(text.contains("tcp-close\n"), "{text}");
-        assert!(text.contains("action-script \"/"), "{text}");
-        drop(installed);
+        // The bundle is as containerd wrote it: runc passes the user's config as ever.
         assert_eq!(fs::read_to_string(&config).unwrap(), original);
-        assert!(!ours.exists());
+        let path = installed.path().to_path_buf();
+        drop(installed);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -193,18 +193,19 @@ impl Container {
         let pid_file = self.bundle.join("init.pid");
         remove_quietly(&pid_file);
         let mut pending = io::prepare(&self.init.stdio, &self.io_owner()).await?;
+        // lo up in the namespace CRIU makes (runc does not); the config goes on drop.
+        let loopback = crate::checkpoint::loopback::install(&self.bundle).unwrap_or_else(|e| {
+            warn!("container {}: restore without bringing lo up: {e}", self.id);
+            None
+        });
         let opts = RestoreOpts {
             checkpoint: source.criu_opts(),
             pid_file: pid_file.clone(),
             console_socket: pending.console_path(),
             no_pivot: self.options.no_pivot_root,
+            criu_config: loopback.as_ref().map(|l| l.path().to_path_buf()),
         };
         let child = pending.take_child();
-        // lo up in the namespace CRIU makes (runc does not); config.json is put back on drop.
-        let _loopback = crate::checkpoint::loopback::install(&self.bundle).unwrap_or_else(|e| {
-            warn!("container {}: restore without bringing lo up: {e}", self.id);
-            None
-        });
         let started = Instant::now();
         let restored = pending
             .run(self.runc.restore(&self.id, &self.bundle, &opts, child))

@@ -67,6 +67,10 @@ pub struct RestoreOpts {
     pub pid_file: PathBuf,
     pub console_socket: Option<PathBuf>,
     pub no_pivot: bool,
+    /// A CRIU config file for this restore only, handed to CRIU in its
+    /// environment (`CRIU_CONFIG_FILE`): runc passes the user's own CRIU
+    /// config as ever, and CRIU reads both.
+    pub criu_config: Option<PathBuf>,
 }
 
 pub struct Output {
@@ -230,7 +234,7 @@ impl Runc {
             args.push("--leave-running".into());
         }
         args.push(id.into());
-        self.run_bounded(args, None, Some(self.criu_timeout))
+        self.run_bounded(args, None, Some(self.criu_timeout), None)
             .await
             .map(drop)
     }
@@ -258,13 +262,17 @@ impl Runc {
             args.push("--no-pivot".into());
         }
         args.push(id.into());
-        self.run_bounded(args, Some(stdio), Some(self.criu_timeout))
+        let env = opts
+            .criu_config
+            .as_ref()
+            .map(|c| ("CRIU_CONFIG_FILE", c.as_path()));
+        self.run_bounded(args, Some(stdio), Some(self.criu_timeout), env)
             .await
             .map(drop)
     }
 
     async fn run(&self, args: Vec<String>, stdio: Option<ProcStdio>) -> Result<Output> {
-        self.run_bounded(args, stdio, None).await
+        self.run_bounded(args, stdio, None, None).await
     }
 
     /// Runs runc with `args`. With `stdio` the child's stdio is the
@@ -279,10 +287,14 @@ impl Runc {
         args: Vec<String>,
         stdio: Option<ProcStdio>,
         limit: Option<Duration>,
+        env: Option<(&str, &Path)>,
     ) -> Result<Output> {
         let command = args.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global_args()).args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
         let capture = stdio.is_none();
         match stdio {
             Some(s) => {
