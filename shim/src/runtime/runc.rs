@@ -512,11 +512,21 @@ mod tests {
             let runc = runc.clone();
             async move { runc.start("x").await }
         });
-        // Reap whatever child exits and hand it to the reaper.
-        let status = tokio::task::spawn_blocking(nix::sys::wait::wait)
-            .await
-            .unwrap()
-            .unwrap();
+        // Reap whatever child exits and hand it to the reaper (ECHILD until runc is forked).
+        let status = tokio::task::spawn_blocking(|| {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match nix::sys::wait::wait() {
+                    Err(nix::errno::Errno::ECHILD) if std::time::Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .unwrap()
+        .unwrap();
         if let nix::sys::wait::WaitStatus::Exited(pid, code) = status {
             reaper.exited(pid.as_raw(), code);
         }
