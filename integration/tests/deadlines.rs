@@ -200,28 +200,26 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
         wait_ballast(pid);
         wait_count_advances(pid, "before");
         let mut api = Api::connect(cd);
-        let deadline = Duration::from_millis(150);
+        // A checkpoint whose caller gives up after 150 ms (a 256 MiB dump takes longer).
+        let give_up_on = |api: &mut Api, opts, what: &str| {
+            api.set_timeout(Some(Duration::from_millis(150)));
+            let err = api
+                .checkpoint(id, opts)
+                .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
+            api.set_timeout(None);
+            assert_gave_up(&err, what);
+        };
 
         // As containerd's CRI does it, and its caller gives up.
         pause(cd, id);
-        api.set_timeout(Some(deadline));
-        let err = api
-            .checkpoint(id, None)
-            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
-        api.set_timeout(None);
-        assert_gave_up(&err, "the CRI's checkpoint");
+        give_up_on(&mut api, None, "the CRI's checkpoint");
         assert_running_and_thawed(cd, id, pid, "after the CRI's caller gave up");
 
         // Paused by its user, then checkpointed with no options once the moment of a CRI
         // checkpoint's own pause has passed: the user's pause stays.
         pause(cd, id);
         std::thread::sleep(Duration::from_millis(3500)); // the CRI's pause window (3 s) passing
-        api.set_timeout(Some(deadline));
-        let err = api
-            .checkpoint(id, None)
-            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
-        api.set_timeout(None);
-        assert_gave_up(&err, "a checkpoint of a task its user paused");
+        give_up_on(&mut api, None, "a checkpoint of a task its user paused");
         std::thread::sleep(Duration::from_secs(1)); // a resume, if one were coming, would be here
         assert_eq!(cd.task(id).map(|t| t.status).as_deref(), Some("PAUSED"));
         assert_eq!(freezer_state(cd, id).as_deref(), Some("FROZEN"));
@@ -230,12 +228,11 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
         // A client that sends options (ctr, the kubelet through the Go shim's runtime name)
         // paused it itself: paused it stays.
         pause(cd, id);
-        api.set_timeout(Some(deadline));
-        let err = api
-            .checkpoint(id, Some(CheckpointOptions::default().to_any()))
-            .expect_err("a 256 MiB checkpoint cannot beat 150 ms");
-        api.set_timeout(None);
-        assert_gave_up(&err, "a paused task's checkpoint");
+        give_up_on(
+            &mut api,
+            Some(CheckpointOptions::default().to_any()),
+            "a paused task's checkpoint",
+        );
         poll("the task stays PAUSED and FROZEN", T, || {
             let paused = cd.task(id).map(|t| t.status) == Some("PAUSED".to_string());
             (paused && freezer_state(cd, id).as_deref() == Some("FROZEN")).then_some(())
