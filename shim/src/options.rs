@@ -159,6 +159,11 @@ pub struct CheckpointOptions {
     pub cgroups_mode: String,
     pub image_path: String,
     pub work_path: String,
+    /// This shim's extension (field 1001 of the message, which containerd
+    /// passes through untouched and other shims ignore): bind-mount
+    /// destinations whose contents go into the checkpoint, or `*` for every
+    /// writable bind mount of a directory.
+    pub volumes: Vec<String>,
     /// Whether the request carried options at all. containerd's CRI sends
     /// none for a runtime not named runc; `ctr` always sends them.
     pub given: bool,
@@ -178,6 +183,7 @@ impl Default for CheckpointOptions {
             cgroups_mode: String::new(),
             image_path: String::new(),
             work_path: String::new(),
+            volumes: Vec::new(),
             given: false,
         }
     }
@@ -192,6 +198,7 @@ impl CheckpointOptions {
             "containerd.runc.v1.CheckpointOptions" => {
                 let o = ProtoCheckpointOptions::parse_from_bytes(&any.value)
                     .map_err(Error::proto("decode containerd.runc.v1.CheckpointOptions"))?;
+                let volumes = extension_strings(&o, VOLUMES_FIELD)?;
                 Ok(Self {
                     exit: o.exit,
                     open_tcp: o.open_tcp,
@@ -201,6 +208,7 @@ impl CheckpointOptions {
                     empty_namespaces: o.empty_namespaces,
                     cgroups_mode: o.cgroups_mode,
                     image_path: o.image_path,
+                    volumes,
                     work_path: o.work_path,
                     given: true,
                 })
@@ -210,6 +218,27 @@ impl CheckpointOptions {
             ))),
         }
     }
+}
+
+/// The field number of [`CheckpointOptions::volumes`] in `containerd.runc.v1.CheckpointOptions`.
+pub const VOLUMES_FIELD: u32 = 1001;
+
+/// The strings of an unknown (extension) field of `msg`.
+fn extension_strings(msg: &ProtoCheckpointOptions, field: u32) -> Result<Vec<String>> {
+    use containerd_shim_protos::protobuf::UnknownValueRef;
+    msg.special_fields
+        .unknown_fields()
+        .iter()
+        .filter(|(n, _)| *n == field)
+        .map(|(_, v)| match v {
+            UnknownValueRef::LengthDelimited(b) => String::from_utf8(b.to_vec()).map_err(|e| {
+                Error::InvalidArgument(format!("checkpoint option field {field}: {e}"))
+            }),
+            _ => Err(Error::InvalidArgument(format!(
+                "checkpoint option field {field} is not a string"
+            ))),
+        })
+        .collect()
 }
 
 /// containerd sends type URLs both bare and with a `host/` prefix.
@@ -314,6 +343,37 @@ mod tests {
         assert!(o.exit && !o.file_locks);
         assert_eq!(o.empty_namespaces, vec!["network".to_string()]);
         assert_eq!(o.cgroups_mode, "soft");
+    }
+
+    #[test]
+    fn volumes_ride_in_extension_field_1001() {
+        let mut value = ProtoCheckpointOptions {
+            exit: true,
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .unwrap();
+        for v in ["/data", "*"] {
+            // Key: field 1001, wire type 2 (length-delimited), as a varint.
+            value.extend_from_slice(&[0xca, 0x3e, v.len() as u8]);
+            value.extend_from_slice(v.as_bytes());
+        }
+        let o = CheckpointOptions::from_any(Some(&Any {
+            type_url: "containerd.runc.v1.CheckpointOptions".into(),
+            value: value.clone(),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(o.exit);
+        assert_eq!(o.volumes, vec!["/data".to_string(), "*".to_string()]);
+        // Not a string: refused, not ignored.
+        value.extend_from_slice(&[0xc8, 0x3e, 0x01]);
+        assert!(CheckpointOptions::from_any(Some(&Any {
+            type_url: "containerd.runc.v1.CheckpointOptions".into(),
+            value,
+            ..Default::default()
+        }))
+        .is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod loopback;
 mod restore;
 pub mod rootfs_diff;
+pub mod volumes;
 
 use std::{
     fs,
@@ -29,6 +30,7 @@ use crate::{
     runtime::runc::{CheckpointOpts, Runc},
 };
 use layout::{DUMP_LOG, METADATA};
+use rootfs_diff::DiffStats;
 pub use restore::RestoreSource;
 
 /// What checkpoint and restore use of a container.
@@ -147,6 +149,9 @@ struct Metadata {
     rootfs_diff_bytes: u64,
     rootfs_diff_entries: u64,
     deleted_files: u64,
+    /// Bytes of the bind-mounted volumes captured (`volumes/`), and what of them was left out.
+    volumes_bytes: u64,
+    volumes_left_out: Vec<String>,
     images_bytes: u64,
     /// False in the record written before the dump, true once CRIU finished.
     complete: bool,
@@ -275,6 +280,8 @@ async fn bracket(
             Err("captured by containerd's CRI (its own rootfs-diff.tar, taken in its pause)".into())
         }
     };
+    // Named volumes that are no bind mounts fail the request before any freeze.
+    let binds = volumes::select(t.bundle, &opts.volumes)?;
     let freezer = t.freezer()?;
     // Frozen already (paused, or by someone else): it stays as it is.
     let freeze = status == Status::Running
@@ -307,6 +314,15 @@ async fn bracket(
         }
         Err(why) => (Default::default(), Some(why)),
     };
+    // Volumes in the same freeze as the rootfs and memory.
+    let vols = if binds.is_empty() {
+        DiffStats::default()
+    } else {
+        let dir = image.to_path_buf();
+        tokio::task::spawn_blocking(move || volumes::capture(&binds, &dir))
+            .await
+            .map_err(|e| Error::Internal(format!("volumes task: {e}")))??
+    };
     phases.diff_ms = ms(t0.elapsed());
     caller.check("the checkpoint")?;
 
@@ -329,6 +345,8 @@ async fn bracket(
         rootfs_diff_bytes: diff.bytes,
         rootfs_diff_entries: diff.entries,
         deleted_files: diff.deleted,
+        volumes_bytes: vols.bytes,
+        volumes_left_out: vols.skipped,
         images_bytes: 0,
         complete: false,
     };

@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::{
     criu_failure,
-    layout::{METADATA, RESTORE_LOG, RESTORE_RECORD},
-    ms, rootfs_diff, DumpFlags, FilesBy, Target,
+    layout::{DELETED_FILES, METADATA, RESTORE_LOG, RESTORE_RECORD, ROOTFS_DIFF},
+    ms, rootfs_diff, volumes, DumpFlags, FilesBy, Target,
 };
 use crate::{
     error::{Error, Result},
@@ -69,12 +69,19 @@ impl RestoreSource {
             }
         };
         let started = Instant::now();
-        let (dir, rootfs) = (checkpoint.to_path_buf(), t.rootfs.to_path_buf());
+        let (dir, rootfs) = (files_dir(checkpoint), t.rootfs.to_path_buf());
+        let bundle = t.bundle.to_path_buf();
         let applied = match files {
-            FilesBy::Shim => tokio::task::spawn_blocking(move || rootfs_diff::apply(&dir, &rootfs))
-                .await
-                .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
-                .and_then(|r| r),
+            FilesBy::Shim => tokio::task::spawn_blocking(move || {
+                let mut stats = rootfs_diff::apply(&dir, &rootfs)?;
+                let vols = volumes::apply(&dir, &bundle)?;
+                stats.bytes += vols.bytes;
+                stats.entries += vols.entries;
+                Ok(stats)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("rootfs diff task: {e}")))
+            .and_then(|r| r),
             FilesBy::ContainerdCri => {
                 info!(
                     "container {}: containerd applies {} itself before Start; the checkpoint's own copy, if any, is not applied",
@@ -187,6 +194,28 @@ impl RestoreSource {
 
 /// A directory in the bundle with a link to each image of `checkpoint` and
 /// CRIU's `parent` link to `parent`: no image is copied.
+/// Where a checkpoint's files (`rootfs-diff.tar`, `deleted.files`,
+/// `volumes/`) are: in the images directory as this shim writes it, or one up
+/// when the images are the `checkpoint/` of an archive in the layout Podman,
+/// CRI-O and containerd's CRI export (and the companion CLI imports).
+fn files_dir(images: &Path) -> PathBuf {
+    let own = [ROOTFS_DIFF, DELETED_FILES, volumes::DIR]
+        .iter()
+        .any(|f| images.join(f).exists());
+    match images.parent() {
+        Some(parent)
+            if !own
+                && images.file_name().is_some_and(|n| n == "checkpoint")
+                && [ROOTFS_DIFF, DELETED_FILES, volumes::DIR]
+                    .iter()
+                    .any(|f| parent.join(f).exists()) =>
+        {
+            parent.to_path_buf()
+        }
+        _ => images.to_path_buf(),
+    }
+}
+
 fn link_images(checkpoint: &Path, parent: &Path, bundle: &Path) -> Result<PathBuf> {
     let dir = bundle.join("checkpoint-images");
     if dir.exists() {

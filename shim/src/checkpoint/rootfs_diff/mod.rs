@@ -5,7 +5,7 @@
 mod apply;
 mod capture;
 mod fsat;
-mod limits;
+pub(crate) mod limits;
 mod sparse;
 #[cfg(test)]
 mod tests;

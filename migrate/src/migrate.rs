@@ -1,0 +1,483 @@
+//! `migrate` and `receive`: a container moves from this host's containerd to
+//! the one a `receive` serves, through a registry (checkpoint image), an
+//! archive file, or straight across (the archive streamed over the
+//! connection and unpacked as it arrives).
+//!
+//! The connection carries one JSON header line from the source, the archive
+//! bytes (archive and stream paths), and one JSON reply line from the
+//! destination. The source container is removed only after the destination
+//! runs; if the destination fails, a live source is resumed and an exited
+//! one keeps its checkpoint on disk, restorable.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::archive::{self, Compression};
+use crate::checkpoint::{self, Want as CheckpointWant};
+use crate::client::{Cd, TASK_RUNNING};
+use crate::progress::{human, wall_ms, Progress};
+use crate::restore::{self, Want as RestoreWant};
+use crate::image;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Stream,
+    Archive,
+    Registry,
+}
+
+impl std::str::FromStr for Via {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stream" => Ok(Self::Stream),
+            "archive" => Ok(Self::Archive),
+            "registry" => Ok(Self::Registry),
+            o => bail!("unknown path {o:?}: stream, archive or registry"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    via: Via,
+    name: Option<String>,
+    image: Option<String>,
+    plain_http: bool,
+    ignore_volumes: bool,
+    volume_map: Vec<(String, PathBuf)>,
+    /// Bytes that follow (archive path); 0: a tar stream to its end.
+    size: u64,
+    source_host: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Reply {
+    ok: bool,
+    error: Option<String>,
+    name: Option<String>,
+    pid: u32,
+    restore_ms: f64,
+    started_at_ms: u64,
+    first_byte_at_ms: u64,
+    bytes: u64,
+}
+
+pub struct MigrateArgs {
+    pub id: String,
+    pub to: String,
+    pub via: Via,
+    pub image: Option<String>,
+    pub archive: Option<PathBuf>,
+    pub compress: Compression,
+    pub plain_http: bool,
+    pub checkpoint: CheckpointWant,
+    pub name: Option<String>,
+    pub volume_map: Vec<(String, PathBuf)>,
+}
+
+fn connect(to: &str) -> Result<TcpStream> {
+    let addr = to.strip_prefix("tcp://").unwrap_or(to);
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .with_context(|| format!("destination {to}"))?
+        .collect();
+    let a = addrs.first().ok_or_else(|| anyhow!("destination {to} resolves to nothing"))?;
+    let s = TcpStream::connect_timeout(a, Duration::from_secs(10))
+        .with_context(|| format!("connect to the receiver at {to} (is `container-migrate receive` running there?)"))?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn send_line(s: &mut TcpStream, v: &impl Serialize) -> Result<()> {
+    let mut line = serde_json::to_vec(v)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    Ok(())
+}
+
+/// Moves container `args.id` from `cd` to the receiver at `args.to`.
+pub async fn migrate(cd: &mut Cd, args: MigrateArgs, work_root: &Path, progress: &Progress) -> Result<()> {
+    let t0 = Instant::now();
+    let id = args.id.clone();
+    // The source stops at the dump (and its CRIU keeps the connections'
+    // packets dropped) when asked, and always with established TCP: a live
+    // source would answer its peers after the dump and their bytes be lost.
+    let exit = args.checkpoint.exit || args.checkpoint.tcp_established;
+    if exit && !args.checkpoint.exit {
+        progress.note("established TCP connections: the source stops at the dump (--exit)");
+    }
+    let sock = connect(&args.to)?;
+    cd.container(&id).await?;
+    let was_running = cd.task_status(&id).await? == Some(TASK_RUNNING);
+    let paused_at = wall_ms();
+    let mut paused = false;
+    if !exit && was_running {
+        cd.pause(&id).await?;
+        paused = true;
+    }
+    let work = checkpoint::work_dir(work_root, &id)?;
+    let want = CheckpointWant {
+        exit,
+        ..args.checkpoint.clone()
+    };
+    let outcome = move_it(cd, &args, &want, &work, sock, progress).await;
+    let (taken, reply) = match outcome {
+        Ok(x) => x,
+        Err((e, taken)) => {
+            let state = after_failure(cd, &id, paused, exit, taken.then_some(&work)).await;
+            if !taken {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            return Err(e.context(state));
+        }
+    };
+    // The destination runs: the source goes.
+    progress.phase("remove source", 0);
+    let removed = cd.remove_container(&id).await;
+    let _ = std::fs::remove_dir_all(&work);
+    if let Err(e) = removed {
+        progress.note(&format!(
+            "the container runs on the destination, but removing {id} here failed: {e:#}"
+        ));
+    }
+    let stopped = if paused { paused_at } else { taken.stopped_at_ms };
+    let downtime = reply.started_at_ms.saturating_sub(stopped);
+    let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (mut v, mut table) = taken.figures();
+    v["via"] = serde_json::to_value(args.via)?;
+    v["destination"] = args.to.clone().into();
+    v["name"] = reply.name.clone().into();
+    v["downtime_ms"] = downtime.into();
+    v["total_ms"] = total_ms.into();
+    v["bytes_moved"] = reply.bytes.into();
+    v["restore_ms"] = reply.restore_ms.into();
+    table.insert(0, ("path".into(), format!("{:?}", args.via).to_lowercase()));
+    table.push(("restore on destination".into(), format!("{:.1} ms", reply.restore_ms)));
+    table.push(("bytes moved".into(), human(reply.bytes)));
+    table.push(("downtime".into(), format!("{downtime} ms")));
+    table.push(("total".into(), format!("{total_ms:.0} ms")));
+    progress.result(v, &table);
+    Ok(())
+}
+
+/// Puts the source back after a failed move; says what state it is in.
+async fn after_failure(cd: &Cd, id: &str, paused: bool, exit: bool, kept: Option<&PathBuf>) -> String {
+    let dest = "nothing of it runs on the destination";
+    if exit {
+        return match (cd.task_status(id).await, kept) {
+            (Ok(Some(s)), _) if s == TASK_RUNNING => format!("{dest}; {id} runs on here"),
+            (_, Some(dir)) => format!(
+                "{dest}; {id} exited with its checkpoint, which is kept at {}: restore it with `container-migrate restore --dir {}`",
+                dir.display(),
+                dir.display()
+            ),
+            _ => format!("{dest}; {id} is not running here"),
+        };
+    }
+    if paused {
+        match cd.resume(id).await {
+            Ok(()) => format!("{dest}; {id} was resumed and runs on here"),
+            Err(e) => format!("{dest}; {id} is PAUSED here and resuming it failed: {e:#}"),
+        }
+    } else {
+        format!("{dest}; {id} is as it was here")
+    }
+}
+
+/// Checkpoint, hand over, wait for the destination. The error says whether
+/// a checkpoint was taken (true: the work dir holds it).
+async fn move_it(
+    cd: &mut Cd,
+    args: &MigrateArgs,
+    want: &CheckpointWant,
+    work: &Path,
+    mut sock: TcpStream,
+    progress: &Progress,
+) -> std::result::Result<(checkpoint::Taken, Reply), (anyhow::Error, bool)> {
+    let taken = checkpoint::take(cd, &args.id, want, work, progress)
+        .await
+        .map_err(|e| (e, false))?;
+    let r = hand_over(cd, args, &taken, &mut sock, progress).await;
+    r.map(|reply| (taken, reply)).map_err(|e| (e, true))
+}
+
+async fn hand_over(
+    cd: &mut Cd,
+    args: &MigrateArgs,
+    taken: &checkpoint::Taken,
+    sock: &mut TcpStream,
+    progress: &Progress,
+) -> Result<Reply> {
+    let mut header = Header {
+        version: 1,
+        via: args.via,
+        name: args.name.clone(),
+        image: None,
+        plain_http: args.plain_http,
+        ignore_volumes: args.checkpoint.ignore_volumes,
+        volume_map: args.volume_map.clone(),
+        size: 0,
+        source_host: checkpoint::hostname(),
+    };
+    match args.via {
+        Via::Registry => {
+            let reference = args
+                .image
+                .clone()
+                .ok_or_else(|| anyhow!("--via registry needs --image REF"))?;
+            progress.phase("image", archive::dir_bytes(&taken.dir));
+            cd.lease(&format!("container-migrate-{}-{}", args.id, wall_ms())).await?;
+            let p = progress.clone();
+            let made = image::create(cd, &taken.dir, &reference, &taken.own, &taken.criu_version(), &mut move |n| p.bytes(n)).await;
+            if let Err(e) = made {
+                cd.end_lease().await;
+                return Err(e);
+            }
+            progress.phase("push", 0);
+            let pushed = image::push(cd, &reference, args.plain_http).await;
+            cd.end_lease().await;
+            pushed?;
+            header.image = Some(reference);
+            send_line(sock, &header)?;
+        }
+        Via::Archive => {
+            let file = args
+                .archive
+                .clone()
+                .unwrap_or_else(|| taken.dir.join("archive.tar"));
+            let size = checkpoint::export(&taken.dir, &file, args.compress, progress).await?;
+            header.size = size;
+            send_line(sock, &header)?;
+            progress.phase("send", size);
+            let (mut s, p) = (sock.try_clone()?, progress.clone());
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let mut f = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+                copy_counting(&mut f, &mut s, &mut |n| p.bytes(n))?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("send thread: {e}"))??;
+        }
+        Via::Stream => {
+            send_line(sock, &header)?;
+            progress.phase("stream", archive::dir_bytes(&taken.dir));
+            let (s, p, d, c) = (sock.try_clone()?, progress.clone(), taken.dir.clone(), args.compress);
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                let w = std::io::BufWriter::with_capacity(1 << 20, s);
+                let mut w = archive::write(&d, w, c, &mut |n| p.bytes(n))?;
+                w.flush()?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("stream thread: {e}"))?
+            .context("stream the checkpoint to the destination")?;
+        }
+    }
+    progress.phase("restore on destination", 0);
+    let s = sock.try_clone()?;
+    let line = tokio::task::spawn_blocking(move || -> Result<String> {
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .context("read the destination's reply")?;
+        Ok(line)
+    })
+    .await
+    .map_err(|e| anyhow!("reply thread: {e}"))??;
+    if line.is_empty() {
+        bail!("the destination closed the connection without a reply");
+    }
+    let reply: Reply = serde_json::from_str(&line).context("the destination's reply is not valid")?;
+    if !reply.ok {
+        bail!(
+            "the destination could not restore: {}",
+            reply.error.clone().unwrap_or_default()
+        );
+    }
+    Ok(reply)
+}
+
+fn copy_counting(r: &mut impl Read, w: &mut impl Write, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        w.write_all(&buf[..k])?;
+        n += k as u64;
+        progress(n);
+    }
+    w.flush()?;
+    Ok(n)
+}
+
+pub struct ReceiveArgs {
+    pub listen: String,
+    pub once: bool,
+    pub plain_http: bool,
+    pub log_dir: Option<PathBuf>,
+}
+
+/// Serves migrations into `cd`, one at a time.
+pub async fn receive(cd: &mut Cd, args: ReceiveArgs, work_root: &Path, progress: &Progress) -> Result<()> {
+    let addr = args.listen.strip_prefix("tcp://").unwrap_or(&args.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr}"))?;
+    progress.note(&format!("receiving on {}", listener.local_addr()?));
+    loop {
+        let (sock, peer) = listener.accept().await?;
+        let sock = sock.into_std()?;
+        sock.set_nonblocking(false)?;
+        progress.note(&format!("migration from {peer}"));
+        let reply = match serve_one(cd, &sock, &args, work_root, progress).await {
+            Ok(r) => r,
+            Err(e) => {
+                progress.note(&format!("failed: {e:#}"));
+                Reply {
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                    ..Default::default()
+                }
+            }
+        };
+        let mut s = sock;
+        let _ = send_line(&mut s, &reply);
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        if args.once {
+            return if reply.ok {
+                Ok(())
+            } else {
+                Err(anyhow!(reply.error.unwrap_or_default()))
+            };
+        }
+    }
+}
+
+async fn serve_one(
+    cd: &mut Cd,
+    sock: &TcpStream,
+    args: &ReceiveArgs,
+    work_root: &Path,
+    progress: &Progress,
+) -> Result<Reply> {
+    let s = sock.try_clone()?;
+    let (header, reader) = tokio::task::spawn_blocking(move || -> Result<(Header, BufReader<TcpStream>)> {
+        let mut r = BufReader::with_capacity(1 << 20, s);
+        let mut line = String::new();
+        r.read_line(&mut line).context("read the migration header")?;
+        let h: Header = serde_json::from_str(&line).context("the migration header is not valid")?;
+        if h.version != 1 {
+            bail!("migration protocol version {} (this receiver speaks 1)", h.version);
+        }
+        Ok((h, r))
+    })
+    .await
+    .map_err(|e| anyhow!("header thread: {e}"))??;
+    let work = checkpoint::work_dir(work_root, "incoming")?;
+    let dir = work.join("archive");
+    std::fs::create_dir(&dir)?;
+    let first_byte_at_ms = wall_ms();
+    let result = receive_into(cd, &header, reader, &work, &dir, args, progress).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let (r, bytes) = result?;
+    Ok(Reply {
+        ok: true,
+        error: None,
+        name: Some(r.name),
+        pid: r.pid,
+        restore_ms: r.restore_ms,
+        started_at_ms: r.started_at_ms,
+        first_byte_at_ms,
+        bytes,
+    })
+}
+
+async fn receive_into(
+    cd: &mut Cd,
+    header: &Header,
+    mut reader: BufReader<TcpStream>,
+    work: &Path,
+    dir: &Path,
+    args: &ReceiveArgs,
+    progress: &Progress,
+) -> Result<(restore::Restored, u64)> {
+    let (unpacked, bytes) = match header.via {
+        Via::Registry => {
+            let reference = header
+                .image
+                .clone()
+                .ok_or_else(|| anyhow!("the header names no image"))?;
+            progress.phase("pull", 0);
+            let p = progress.clone();
+            let plain = header.plain_http || args.plain_http;
+            image::fetch(cd, &reference, plain, dir, &mut move |n| p.bytes(n)).await?;
+            (archive::check(dir)?, archive::dir_bytes(dir))
+        }
+        Via::Archive => {
+            let file = work.join("received.tar");
+            progress.phase("receive", header.size);
+            let (f2, p, size) = (file.clone(), progress.clone(), header.size);
+            let n = tokio::task::spawn_blocking(move || -> Result<u64> {
+                let mut out = std::fs::File::create(&f2)?;
+                let mut limited = (&mut reader).take(size);
+                copy_counting(&mut limited, &mut out, &mut |n| p.bytes(n))
+            })
+            .await
+            .map_err(|e| anyhow!("receive thread: {e}"))??;
+            if n != header.size {
+                bail!("the archive ended after {n} of {} bytes", header.size);
+            }
+            (restore::unpack_file(&file, dir, progress).await?, n)
+        }
+        Via::Stream => {
+            progress.phase("receive + unpack", 0);
+            let (d, p) = (dir.to_path_buf(), progress.clone());
+            let counted = tokio::task::spawn_blocking(move || -> Result<(archive::Unpacked, u64)> {
+                let mut counter = Counting { inner: reader, n: 0 };
+                archive::extract(&mut counter, &d, &mut |n| p.bytes(n))?;
+                Ok((archive::check(&d)?, counter.n))
+            })
+            .await
+            .map_err(|e| anyhow!("unpack thread: {e}"))??;
+            counted
+        }
+    };
+    let want = RestoreWant {
+        name: header.name.clone(),
+        ignore_volumes: header.ignore_volumes,
+        volume_map: header.volume_map.clone(),
+        plain_http: header.plain_http || args.plain_http,
+        log: args.log_dir.as_ref().map(|d| {
+            d.join(format!(
+                "{}.log",
+                header.name.clone().or_else(|| unpacked.own.as_ref().map(|o| o.id.clone())).unwrap_or_default()
+            ))
+        }),
+        ..Default::default()
+    };
+    let r = restore::restore(cd, &unpacked, &want, progress).await?;
+    Ok((r, bytes))
+}
+
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+}

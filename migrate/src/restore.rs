@@ -1,0 +1,265 @@
+//! `restore`: an unpacked, checked archive becomes a container again: the
+//! base image (pulled when missing), a fresh snapshot, the container record
+//! with its labels, and a task created from the images (files at Create,
+//! memory at Start, both by the shim). Any failure removes what was made.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use containerd_client::services::v1::{container::Runtime, Container, CreateTaskRequest};
+use prost::Message;
+use prost_types::Any;
+
+use crate::archive::{self, Unpacked};
+use crate::client::Cd;
+use crate::image;
+use crate::progress::{wall_ms, Progress};
+
+pub const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
+
+/// `criu_image_path` of `containerd.runc.v1.Options`, on its own.
+#[derive(Clone, PartialEq, Message)]
+struct CriuImagePath {
+    #[prost(string, tag = "10")]
+    criu_image_path: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Want {
+    pub name: Option<String>,
+    pub ignore_rootfs: bool,
+    pub ignore_volumes: bool,
+    /// `destination → host path` for the new container's bind mounts.
+    pub volume_map: Vec<(String, PathBuf)>,
+    pub runtime: Option<String>,
+    pub plain_http: bool,
+    /// Where the task's stdout and stderr go (`file://` URI); none: nowhere.
+    pub log: Option<PathBuf>,
+}
+
+pub struct Restored {
+    pub name: String,
+    pub pid: u32,
+    pub restore_ms: f64,
+    /// When the restored task was started (wall clock, ms).
+    pub started_at_ms: u64,
+}
+
+fn name_of(u: &Unpacked, want: &Want) -> Result<String> {
+    let name = want
+        .name
+        .clone()
+        .or_else(|| u.own.as_ref().map(|o| o.id.clone()))
+        .or_else(|| u.config["name"].as_str().map(String::from))
+        .ok_or_else(|| anyhow!("the archive names no container: say --name"))?;
+    let ok = !name.is_empty()
+        && name.len() <= 76
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !ok {
+        bail!("{name:?} is not a container name containerd takes");
+    }
+    Ok(name)
+}
+
+/// The spec for the new container: its own cgroup, the mapped volumes.
+fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_json::Value> {
+    let mut spec = u.spec.clone();
+    for a in u.own.iter().flat_map(|o| &o.added_annotations) {
+        if let Some(m) = spec["annotations"].as_object_mut() {
+            m.remove(a);
+        }
+    }
+    let old = u.own.as_ref().map(|o| o.id.as_str()).unwrap_or_default();
+    let cg = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
+    let cg = match cg.strip_suffix(old).filter(|_| !old.is_empty()) {
+        Some(prefix) => format!("{prefix}{name}"),
+        None if cg.contains(':') => cg, // systemd "slice:prefix:name": kept
+        None => format!("/{ns}/{name}"),
+    };
+    spec["linux"]["cgroupsPath"] = cg.into();
+    for (dest, src) in &want.volume_map {
+        let mut found = false;
+        for m in spec["mounts"].as_array_mut().into_iter().flatten() {
+            if m["destination"].as_str().map(|d| d.trim_end_matches('/')) == Some(dest.trim_end_matches('/')) {
+                m["source"] = src.display().to_string().into();
+                found = true;
+            }
+        }
+        if !found {
+            bail!("--volume {dest}=…: the container has no mount at {dest}");
+        }
+        if !src.is_dir() {
+            bail!("--volume {dest}={}: no such directory on this host", src.display());
+        }
+    }
+    Ok(spec)
+}
+
+/// Task options: the container's runc options with `criu_image_path` set
+/// (appended: in protobuf the last value of a field wins).
+fn task_options(u: &Unpacked, images: &Path) -> Any {
+    let extra = CriuImagePath {
+        criu_image_path: images.display().to_string(),
+    }
+    .encode_to_vec();
+    match &u.own {
+        Some(o) if o.runtime_options_type.ends_with(RUNC_OPTIONS) => {
+            let mut value = o.runtime_options.clone();
+            value.extend_from_slice(&extra);
+            Any {
+                type_url: o.runtime_options_type.clone(),
+                value,
+            }
+        }
+        _ => Any {
+            type_url: RUNC_OPTIONS.into(),
+            value: extra,
+        },
+    }
+}
+
+/// Restores the checked archive in `u.dir` on `cd`.
+pub async fn restore(cd: &mut Cd, u: &Unpacked, want: &Want, progress: &Progress) -> Result<Restored> {
+    let t0 = Instant::now();
+    let name = name_of(u, want)?;
+    if cd.container_exists(&name).await? {
+        bail!("a container named {name} exists already in {}: say --name", cd.describe());
+    }
+    let base = u
+        .own
+        .as_ref()
+        .map(|o| o.image.clone())
+        .or_else(|| u.config["rootfsImageName"].as_str().map(String::from))
+        .unwrap_or_default();
+    let snapshotter = u
+        .own
+        .as_ref()
+        .map(|o| o.snapshotter.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "overlayfs".into());
+    let runtime = want
+        .runtime
+        .clone()
+        .or_else(|| u.own.as_ref().map(|o| o.runtime.clone()).filter(|r| !r.is_empty()))
+        .unwrap_or_else(|| "io.containerd.custom.v2".into());
+    let spec = new_spec(u, &name, cd.namespace(), want)?;
+    progress.phase("base image", 0);
+    let chain = image::ensure_base(cd, &base, &snapshotter, want.plain_http).await?;
+    if want.ignore_rootfs {
+        for f in [archive::ROOTFS_DIFF, archive::DELETED_FILES] {
+            let _ = std::fs::remove_file(u.dir.join(f));
+        }
+    }
+    if want.ignore_volumes {
+        let _ = std::fs::remove_dir_all(u.dir.join(archive::VOLUMES));
+    }
+    progress.phase("restore", 0);
+    cd.lease(&format!("container-migrate-{name}-{}", wall_ms())).await?;
+    let made = create(cd, u, &name, &base, &snapshotter, &chain, &runtime, spec, want).await;
+    cd.end_lease().await;
+    let pid = match made {
+        Ok(pid) => pid,
+        Err(e) => {
+            let undo = undo(cd, &name, &snapshotter).await;
+            return Err(match undo {
+                Ok(()) => e.context(format!("nothing of {name} was left on {}", cd.describe())),
+                Err(u2) => e.context(format!("and removing what was made of {name} failed too: {u2:#}")),
+            });
+        }
+    };
+    Ok(Restored {
+        name,
+        pid,
+        restore_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        started_at_ms: wall_ms(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create(
+    cd: &Cd,
+    u: &Unpacked,
+    name: &str,
+    base: &str,
+    snapshotter: &str,
+    chain: &str,
+    runtime: &str,
+    spec: serde_json::Value,
+    want: &Want,
+) -> Result<u32> {
+    let mounts = cd.prepare_snapshot(snapshotter, name, chain).await?;
+    let own = u.own.clone().unwrap_or_default();
+    let options = (!own.runtime_options_type.is_empty()).then(|| Any {
+        type_url: own.runtime_options_type.clone(),
+        value: own.runtime_options.clone(),
+    });
+    let spec_type = if own.spec_type_url.is_empty() {
+        "types.containerd.io/opencontainers/runtime-spec/1/Spec".to_string()
+    } else {
+        own.spec_type_url.clone()
+    };
+    let labels: HashMap<String, String> = own.labels.clone().into_iter().collect();
+    cd.create_container(Container {
+        id: name.to_string(),
+        labels,
+        image: base.to_string(),
+        runtime: Some(Runtime {
+            name: runtime.to_string(),
+            options,
+        }),
+        spec: Some(Any {
+            type_url: spec_type,
+            value: serde_json::to_vec(&spec)?,
+        }),
+        snapshotter: snapshotter.to_string(),
+        snapshot_key: name.to_string(),
+        ..Default::default()
+    })
+    .await?;
+    let log = want
+        .log
+        .as_ref()
+        .map(|p| format!("file://{}", p.display()))
+        .unwrap_or_default();
+    let images = u.dir.join(archive::CHECKPOINT_DIR);
+    cd.create_task(CreateTaskRequest {
+        container_id: name.to_string(),
+        rootfs: mounts,
+        stdout: log.clone(),
+        stderr: log,
+        options: Some(task_options(u, &images)),
+        ..Default::default()
+    })
+    .await
+    .context("the shim could not create the task from the checkpoint")?;
+    cd.start(name)
+        .await
+        .context("the shim could not restore the processes")
+}
+
+async fn undo(cd: &Cd, name: &str, snapshotter: &str) -> Result<()> {
+    cd.remove_task(name).await?;
+    cd.delete_container(name).await?;
+    cd.remove_snapshot(snapshotter, name).await
+}
+
+/// Unpacks archive file `file` into `dir` and checks it.
+pub async fn unpack_file(file: &Path, dir: &Path, progress: &Progress) -> Result<Unpacked> {
+    let total = std::fs::metadata(file)
+        .with_context(|| format!("archive {}", file.display()))?
+        .len();
+    progress.phase("unpack", total);
+    let (f, d, p) = (file.to_path_buf(), dir.to_path_buf(), progress.clone());
+    tokio::task::spawn_blocking(move || -> Result<Unpacked> {
+        let input = std::fs::File::open(&f).with_context(|| format!("open {}", f.display()))?;
+        archive::extract(input, &d, &mut |n| p.bytes(n))
+            .with_context(|| format!("archive {}", f.display()))?;
+        archive::check(&d).with_context(|| format!("archive {}", f.display()))
+    })
+    .await
+    .map_err(|e| anyhow!("unpack thread: {e}"))?
+}
