@@ -14,8 +14,9 @@ help: ## list the targets
 deps: ## install what is missing: containerd 2.x, runc, CRIU >= 4.2 (built from Debian source), busybox-static, protoc, docker-registry, checkpointctl
 	bash scripts/install-deps.sh
 
-build: ## build the shim (debug, with the test-only switches of src/test_hooks.rs) — what the tests use
+build: ## build the shim (debug, with the test-only switches of src/test_hooks.rs) and container-migrate — what the tests use
 	$(CARGO) build -p $(SHIM) --features test-hooks
+	$(CARGO) build -p container-migrate
 
 release: ## build the shim (release: no test switches)
 	$(CARGO) build --release -p $(SHIM)

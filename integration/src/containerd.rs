@@ -70,6 +70,8 @@ pub struct Containerd {
     log: PathBuf,
     fifo_dir: String,
     child: Option<Child>,
+    /// The network namespace containerd runs in (see [`Setup::netns`]); ctr runs there too.
+    netns: Option<String>,
 }
 
 /// Config to append, made from the instance's dir.
@@ -82,6 +84,11 @@ pub struct Setup {
     /// config; then register io.containerd.custom.v2 in it the way `make install` does
     /// (scripts/register-runtime.sh).
     pub cri: Option<ConfigFragment>,
+    /// Run containerd (and so its shims and host-network containers) in this network namespace
+    /// (a `/run/netns/<name>` path), as one of the two hosts of the migration tests.
+    pub netns: Option<String>,
+    /// Do not import the test image: a host that must pull what it needs.
+    pub no_image: bool,
 }
 
 fn config_toml(root: &Path, state: &Path, address: &Path, level: &str, cri: bool) -> String {
@@ -156,6 +163,7 @@ impl Containerd {
         let tag = format!("{pid}-{n}-{:04x}", nanos & 0xffff);
         let dir = base.join(format!("shimtest-{tag}"));
         let cri = setup.cri;
+        let no_image = setup.no_image;
         let namespace = match cri {
             Some(_) => "k8s.io".to_string(),
             None => format!("shimtest-{tag}"),
@@ -171,6 +179,7 @@ impl Containerd {
             log: dir.join("containerd.log"),
             fifo_dir: dir.join("fifo").to_string_lossy().into_owned(),
             child: None,
+            netns: setup.netns.clone(),
             dir,
         };
         // sun_path holds 108 bytes; containerd adds ".ttrpc" to the second socket.
@@ -209,7 +218,15 @@ impl Containerd {
         );
         let log = File::create(&cd.log).expect("create containerd.log");
         let log2 = log.try_clone().expect("dup log fd");
-        let child = Command::new("containerd")
+        let mut command = match &cd.netns {
+            Some(path) => {
+                let mut c = Command::new(crate::host::which("nsenter"));
+                c.arg(format!("--net={path}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = command
             .arg("--config")
             .arg(&config)
             .env("PATH", path)
@@ -225,6 +242,9 @@ impl Containerd {
             });
         cd.child = Some(child);
         cd.wait_ready();
+        if no_image {
+            return cd;
+        }
 
         let out = cd.ctr([
             "images",
@@ -320,7 +340,14 @@ impl Containerd {
 
     /// `ctr --address <ours> --namespace <ours>`, ready for arguments.
     pub fn ctr_command(&self) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = match &self.netns {
+            Some(path) => {
+                let mut c = Command::new(crate::host::which("nsenter"));
+                c.arg(format!("--net={path}")).arg("ctr");
+                c
+            }
+            None => Command::new("ctr"),
+        };
         c.arg("--address")
             .arg(&self.address)
             .arg("--namespace")

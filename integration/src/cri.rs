@@ -123,6 +123,7 @@ impl CriHost {
                 Registry::hosts_toml(&reg_for_config, &certs);
                 cri_config(dir)
             })),
+            ..Default::default()
         });
         cd.ctr_ok(["images", "import", pause.to_str().expect("utf-8 path")]);
         let image = format!("{}/shimtest:latest", registry.addr());

@@ -42,6 +42,7 @@ pub mod cri;
 pub mod faults;
 pub mod grpc;
 pub mod host;
+pub mod hosts;
 pub mod netns;
 pub mod poll;
 mod process;
@@ -103,7 +104,7 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))

@@ -72,6 +72,26 @@ impl NetNs {
     }
 }
 
+/// Runs `f` on a thread of its own that has joined network namespace `path` (sockets it makes
+/// live there; the test's other threads stay where they are).
+pub fn in_netns<T: Send + 'static>(
+    path: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+        // SAFETY: a valid fd of a network namespace; it moves only this thread.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| "thread in the network namespace panicked".to_string())?
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {

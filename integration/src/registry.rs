@@ -19,6 +19,8 @@ pub struct Registry {
     dir: PathBuf,
     addr: String,
     child: Option<Child>,
+    /// The network namespace it serves in (`/run/netns/<name>`), if not the test's own.
+    netns: Option<String>,
 }
 
 impl Registry {
@@ -37,14 +39,24 @@ impl Registry {
         panic!("docker-registry would not start: {last}");
     }
 
+    /// Starts a registry in network namespace `netns` (a `/run/netns/<name>` path) on `addr`
+    /// (`IP:PORT`, free there: the namespace is the test's own).
+    pub fn start_in(dir: &Path, netns: &str, addr: &str) -> Registry {
+        Self::start_at(dir, addr.to_string(), Some(netns.to_string()))
+            .unwrap_or_else(|e| panic!("docker-registry would not start: {e}"))
+    }
+
     fn start_on_free_port(dir: &Path) -> Result<Registry, String> {
-        // A failed attempt's drop removed it.
-        fs::create_dir_all(dir.join("storage")).map_err(|e| format!("create registry dir: {e}"))?;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .map_err(|e| format!("find a free loopback port: {e}"))?;
-        let addr = format!("127.0.0.1:{port}");
+        Self::start_at(dir, format!("127.0.0.1:{port}"), None)
+    }
+
+    fn start_at(dir: &Path, addr: String, netns: Option<String>) -> Result<Registry, String> {
+        // A failed attempt's drop removed it.
+        fs::create_dir_all(dir.join("storage")).map_err(|e| format!("create registry dir: {e}"))?;
         let config = dir.join("config.yml");
         fs::write(
             &config,
@@ -56,7 +68,16 @@ impl Registry {
         .map_err(|e| format!("write registry config: {e}"))?;
         let log_path = dir.join("registry.log");
         let log = fs::File::create(&log_path).map_err(|e| format!("create registry log: {e}"))?;
-        let child = Command::new(crate::host::which("docker-registry"))
+        let mut command = match &netns {
+            Some(path) => {
+                let mut c = Command::new(crate::host::which("nsenter"));
+                c.arg(format!("--net={path}"))
+                    .arg(crate::host::which("docker-registry"));
+                c
+            }
+            None => Command::new(crate::host::which("docker-registry")),
+        };
+        let child = command
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -70,6 +91,7 @@ impl Registry {
             dir: dir.to_path_buf(),
             addr,
             child: Some(child),
+            netns,
         };
         // Ours answering, not whoever else holds the port: the child must be alive.
         let up = poll_until(Duration::from_secs(20), || {
@@ -101,7 +123,13 @@ impl Registry {
 
     /// Whether `GET /v2/` gets an HTTP 200.
     fn answers(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(&self.addr) else {
+        let addr = self.addr.clone();
+        let connect = move || TcpStream::connect(&addr);
+        let conn = match &self.netns {
+            Some(ns) => crate::netns::in_netns(ns, connect).and_then(|r| r.map_err(|e| e.to_string())),
+            None => connect().map_err(|e| e.to_string()),
+        };
+        let Ok(mut s) = conn else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));

@@ -75,10 +75,18 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
     }
     let old = u.own.as_ref().map(|o| o.id.as_str()).unwrap_or_default();
     let cg = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
-    let cg = match cg.strip_suffix(old).filter(|_| !old.is_empty()) {
-        Some(prefix) => format!("{prefix}{name}"),
-        None if cg.contains(':') => cg, // systemd "slice:prefix:name": kept
-        None => format!("/{ns}/{name}"),
+    let src_ns = u.own.as_ref().map(|o| o.namespace.as_str()).unwrap_or_default();
+    let cg = if cg.is_empty() || cg == format!("/{src_ns}/{old}") {
+        // ctr's and containerd's default: /<namespace>/<id>, here's namespace.
+        format!("/{ns}/{name}")
+    } else if cg.contains(':') {
+        // systemd's "slice:prefix:name": kept.
+        cg
+    } else {
+        match cg.strip_suffix(old).filter(|_| !old.is_empty()) {
+            Some(prefix) => format!("{prefix}{name}"),
+            None => format!("/{ns}/{name}"),
+        }
     };
     spec["linux"]["cgroupsPath"] = cg.into();
     for (dest, src) in &want.volume_map {

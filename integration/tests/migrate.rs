@@ -1,0 +1,255 @@
+//! Moving a running container from host A to host B (two containerds in network namespaces of
+//! their own, a registry between them: `integration::hosts`) with `container-migrate`, by each
+//! path: straight across, an archive file, the registry. What must survive: memory (a token only
+//! the shell's memory holds), the counter going on, the rootfs changes, a bind-mounted volume
+//! (restored into B's own directory), the name and the labels. The source goes only once the
+//! destination runs; when the destination fails, the source runs on (live) or its checkpoint is
+//! kept, restorable (exit). Bad archives are refused with nothing created.
+
+use std::path::Path;
+use std::time::Duration;
+
+use integration::hosts::{TwoHosts, B_ADDR, RECEIVE_PORT};
+use integration::{poll, read_in_container, show, stdout, Containerd};
+
+const T: Duration = Duration::from_secs(60);
+const RT: &str = "io.containerd.custom.v2";
+
+/// The token lives only in the shell's memory; the counter goes to /counter and the volume.
+const WORKLOAD: &str = "token=$RANDOM$RANDOM$RANDOM; i=0; echo changed > /etc/motd; rm /etc/group; \
+     while :; do i=$((i+1)); echo \"$token $i\" > /counter; echo \"$token $i\" > /data/counter; sleep 0.1; done";
+
+fn to() -> String {
+    format!("tcp://{B_ADDR}:{RECEIVE_PORT}")
+}
+
+/// (token, counter) of container `id` on `cd`.
+fn counter(cd: &Containerd, id: &str) -> Option<(String, u64)> {
+    let pid = cd.task(id)?.pid;
+    let s = read_in_container(pid, "/counter")?;
+    let (t, n) = s.trim().split_once(' ')?;
+    Some((t.to_string(), n.parse().ok()?))
+}
+
+fn wait_counter(cd: &Containerd, id: &str, past: u64) -> (String, u64) {
+    poll(format!("{id} counting past {past}"), T, || {
+        counter(cd, id).filter(|(_, n)| *n > past)
+    })
+}
+
+/// Runs the workload on A as `id` (label app=mig, volume `vol` at /data) from `image`.
+fn run_on_a(h: &TwoHosts, id: &str, image: &str, vol: &Path) {
+    std::fs::create_dir_all(vol).unwrap();
+    std::fs::write(vol.join("seed"), "from A\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display());
+    h.a.ctr_ok([
+        "run", "-d", "--runtime", RT, "--label", "app=mig", "--mount", &mount, image, id, "sh",
+        "-c", WORKLOAD,
+    ]);
+    wait_counter(&h.a, id, 5);
+}
+
+/// The `{"event":"result"}` line of a `--json` run.
+fn result_of(out: &std::process::Output) -> serde_json::Value {
+    stdout(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .unwrap_or_else(|| panic!("no result line: {}", show(out)))
+}
+
+fn labels(cd: &Containerd, id: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_str(&cd.ctr_ok(["containers", "info", id])).expect("container info");
+    info["Labels"].clone()
+}
+
+fn assert_moved(h: &TwoHosts, id: &str, before: &(String, u64), vol_b: &Path) {
+    // The source is gone, the destination runs with the same memory.
+    assert!(
+        !h.a.containers().iter().any(|c| c == id),
+        "{id} still on A: {:?}",
+        h.a.containers()
+    );
+    let (token, _) = wait_counter(&h.b, id, before.1 + 3);
+    assert_eq!(token, before.0, "the token (memory) changed in the move");
+    let pid = h.b.task(id).expect("task on B").pid;
+    assert_eq!(read_in_container(pid, "/etc/motd").as_deref(), Some("changed\n"));
+    assert!(read_in_container(pid, "/etc/group").is_none(), "a deleted file came back");
+    // The volume was restored into B's directory, and the process writes on there.
+    assert_eq!(std::fs::read_to_string(vol_b.join("seed")).unwrap(), "from A\n");
+    poll("the volume counter going on on B", T, || {
+        let s = std::fs::read_to_string(vol_b.join("counter")).ok()?;
+        let (t, n) = s.trim().split_once(' ')?;
+        (t == before.0 && n.parse::<u64>().ok()? > before.1).then_some(())
+    });
+    assert_eq!(labels(&h.b, id)["app"], "mig");
+}
+
+fn migrate_by(via: &str) {
+    let h = TwoHosts::start();
+    let id = format!("mig-{via}");
+    let (vol_a, vol_b) = (h.dir().join("vol-a"), h.dir().join("vol-b"));
+    std::fs::create_dir_all(&vol_b).unwrap();
+    run_on_a(&h, &id, &h.image, &vol_a);
+    let receiver = h.receiver(&[]);
+    let before = counter(&h.a, &id).unwrap();
+    let map = format!("/data={}", vol_b.display());
+    let target = to();
+    let image = format!("{}/checkpoint-{id}:1", h.registry());
+    let mut args = vec!["--json", "migrate", &id, "--to", &target, "--via", via, "--volume-map", &map];
+    if via == "registry" {
+        args.extend(["--image", &image]);
+    }
+    let out = h.run_cli(&h.a, &args);
+    assert!(out.status.success(), "migrate: {}", show(&out));
+    let r = result_of(&out);
+    let done = receiver.wait(T);
+    assert!(done.status.success(), "receiver: {}", show(&done));
+    assert!(r["downtime_ms"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["bytes_moved"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["dump_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert_moved(&h, &id, &before, &vol_b);
+}
+
+#[test]
+fn migrate_straight_across() {
+    migrate_by("stream");
+}
+
+#[test]
+fn migrate_through_an_archive_file() {
+    migrate_by("archive");
+}
+
+#[test]
+fn migrate_through_the_registry() {
+    migrate_by("registry");
+}
+
+/// B cannot get the base image (the registry has no such name): the migration fails with that
+/// reason, nothing of the container is on B, and A's container runs on (live) — or, with
+/// --exit, its checkpoint is kept on A and restores there.
+#[test]
+fn destination_without_the_base_image_leaves_the_source_running_or_restorable() {
+    let h = TwoHosts::start();
+    let orphan = format!("{}/not-in-the-registry:1", h.registry());
+    h.a.ctr_ok(["images", "tag", &h.image, &orphan]);
+    let vol = h.dir().join("vol");
+    run_on_a(&h, "live", &orphan, &vol);
+    run_on_a(&h, "exits", &orphan, &h.dir().join("vol2"));
+    let target = to();
+
+    let receiver = h.receiver(&[]);
+    let out = h.run_cli(&h.a, &["migrate", "live", "--to", &target]);
+    assert!(!out.status.success(), "migrate should fail: {}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("not-in-the-registry") && err.contains("could not be pulled"), "{err}");
+    assert!(err.contains("runs on here"), "{err}");
+    assert!(!receiver.wait(T).status.success());
+    assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+    let (_, n) = counter(&h.a, "live").unwrap();
+    wait_counter(&h.a, "live", n + 3);
+    assert_eq!(h.a.task("live").unwrap().status, "RUNNING");
+
+    let receiver = h.receiver(&[]);
+    let out = h.run_cli(&h.a, &["migrate", "exits", "--exit", "--to", &target]);
+    assert!(!out.status.success(), "migrate should fail: {}", show(&out));
+    assert!(!receiver.wait(T).status.success());
+    assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let kept = err
+        .split("restore --dir ")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .unwrap_or_else(|| panic!("no kept checkpoint named: {err}"))
+        .to_string();
+    let before = counter(&h.a, "exits");
+    assert!(before.is_none() || h.a.task("exits").unwrap().status != "RUNNING");
+    // Restorable on A, under another name, the memory intact.
+    let out = h.run_cli(&h.a, &["restore", "--dir", &kept, "--name", "exits-again"]);
+    assert!(out.status.success(), "restore --dir: {}", show(&out));
+    wait_counter(&h.a, "exits-again", 1);
+}
+
+/// Archives checked before anything is created: a truncated one, one with a flipped byte, and
+/// one from a newer shim are refused with a clear error and nothing on the destination.
+#[test]
+fn bad_archives_are_refused_with_nothing_created() {
+    let h = TwoHosts::start();
+    run_on_a(&h, "src", &h.image, &h.dir().join("vol"));
+    let file = h.dir().join("src.tar");
+    let f = file.display().to_string();
+    let out = h.run_cli(&h.a, &["checkpoint", "src", "--export", &f, "--compress", "none"]);
+    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    let bytes = std::fs::read(&file).unwrap();
+
+    let try_restore = |name: &str, data: &[u8]| -> String {
+        let p = h.dir().join(format!("{name}.tar"));
+        std::fs::write(&p, data).unwrap();
+        let out = h.run_cli(&h.b, &["restore", "--import", p.to_str().unwrap(), "--name", name]);
+        assert!(!out.status.success(), "{name} restored: {}", show(&out));
+        assert!(h.b.containers().is_empty(), "{name}: B has {:?}", h.b.containers());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = try_restore("truncated", &bytes[..bytes.len() / 2]);
+    assert!(e.contains("truncated") || e.contains("corrupt"), "{e}");
+    let mut flipped = bytes.clone();
+    let at = bytes.len() / 3;
+    flipped[at] ^= 0x55;
+    let e = try_restore("flipped", &flipped);
+    assert!(e.contains("corrupt") || e.contains("does not match"), "{e}");
+    let e = try_restore("garbage", b"this is not an archive at all, not even a tar");
+    assert!(!e.is_empty());
+
+    // From a newer shim: its record says so.
+    let dir = h.dir().join("newer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("tar")
+        .args(["-xf", &f, "-C", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", show(&out));
+    let rec = dir.join("checkpoint/custom-shim-checkpoint.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    v["shim_version"] = "99.0.0".into();
+    std::fs::write(&rec, v.to_string()).unwrap();
+    let out = h.run_cli(&h.b, &["restore", "--dir", dir.to_str().unwrap(), "--name", "newer"]);
+    assert!(!out.status.success(), "newer restored: {}", show(&out));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("99.0.0") && e.contains("newer"), "{e}");
+    assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+}
+
+/// Our archives are the ecosystem's: checkpointctl reads them (show, and inspect with the
+/// process tree and files), and `container-migrate inspect` tells the same.
+#[test]
+fn checkpointctl_reads_our_archives() {
+    let h = TwoHosts::start();
+    run_on_a(&h, "shown", &h.image, &h.dir().join("vol"));
+    let file = h.dir().join("shown.tar");
+    let f = file.display().to_string();
+    let out = h.run_cli(&h.a, &["checkpoint", "shown", "--export", &f, "--compress", "none"]);
+    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    // Live by default: it counts on.
+    let (_, n) = counter(&h.a, "shown").unwrap();
+    wait_counter(&h.a, "shown", n + 3);
+
+    let show_out = integration::cri::checkpointctl(&["show", &f]);
+    assert!(show_out.contains("shown") && show_out.contains("shimtest"), "{show_out}");
+    let tree = integration::cri::checkpointctl(&["inspect", "--ps-tree", "--files", &f]);
+    assert!(
+        tree.contains("Process tree") && tree.contains("sh") && tree.contains("sleep"),
+        "{tree}"
+    );
+    assert!(tree.contains("Engine: containerd") && tree.contains("ID: shown"), "{tree}");
+
+    let out = h.run_cli(&h.a, &["--json", "inspect", &f]);
+    assert!(out.status.success(), "inspect: {}", show(&out));
+    let r = result_of(&out);
+    assert_eq!(r["container"], "shown");
+    assert_eq!(r["labels"]["app"], "mig");
+    assert!(r["processes"].as_array().unwrap().iter().any(|p| p["comm"] == "sh"), "{r}");
+    assert!(r["criu_version"].as_str().unwrap().starts_with('4'), "{r}");
+    assert_eq!(r["volumes_bytes"].as_u64().map(|b| b > 0), Some(true), "{r}");
+}
