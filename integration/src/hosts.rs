@@ -57,7 +57,17 @@ fn bridge_port(net: &NetNs, host: &NetNs, addr: &str) {
     let n = crate::unique();
     let (inside, outside) = (format!("mh{n}h"), format!("mh{n}n"));
     let out = Command::new(crate::host::which("ip"))
-        .args(["link", "add", &inside, "netns", host.name(), "type", "veth", "peer", "name"])
+        .args([
+            "link",
+            "add",
+            &inside,
+            "netns",
+            host.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+        ])
         .arg(&outside)
         .args(["netns", net.name()])
         .output()

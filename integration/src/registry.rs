@@ -126,7 +126,9 @@ impl Registry {
         let addr = self.addr.clone();
         let connect = move || TcpStream::connect(&addr);
         let conn = match &self.netns {
-            Some(ns) => crate::netns::in_netns(ns, connect).and_then(|r| r.map_err(|e| e.to_string())),
+            Some(ns) => {
+                crate::netns::in_netns(ns, connect).and_then(|r| r.map_err(|e| e.to_string()))
+            }
             None => connect().map_err(|e| e.to_string()),
         };
         let Ok(mut s) = conn else {

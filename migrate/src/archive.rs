@@ -316,7 +316,11 @@ fn safe_name(name: &Path) -> Result<PathBuf> {
 /// Unpacks an archive (any compression) into the empty directory `dest`.
 /// `progress` gets the bytes of file data read so far. Returns the index
 /// when the archive has one (ours always do).
-pub fn extract<R: Read>(input: R, dest: &Path, progress: &mut dyn FnMut(u64)) -> Result<Option<Index>> {
+pub fn extract<R: Read>(
+    input: R,
+    dest: &Path,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Option<Index>> {
     let mut tar = tar::Archive::new(decompress(input)?);
     let mut seen: BTreeMap<String, FileSum> = BTreeMap::new();
     let mut index: Option<Index> = None;
@@ -334,7 +338,8 @@ pub fn extract<R: Read>(input: R, dest: &Path, progress: &mut dyn FnMut(u64)) ->
         let target = dest.join(&rel);
         match kind {
             tar::EntryType::Directory => {
-                fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
+                fs::create_dir_all(&target)
+                    .with_context(|| format!("create {}", target.display()))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if key == INDEX {
@@ -355,7 +360,9 @@ pub fn extract<R: Read>(input: R, dest: &Path, progress: &mut dyn FnMut(u64)) ->
                     .write(true)
                     .create_new(true)
                     .open(&target)
-                    .with_context(|| format!("create {} (twice in the archive?)", target.display()))?;
+                    .with_context(|| {
+                        format!("create {} (twice in the archive?)", target.display())
+                    })?;
                 let mut r = Hashing {
                     inner: &mut entry,
                     hash: Sha256::new(),
@@ -405,9 +412,7 @@ pub fn extract<R: Read>(input: R, dest: &Path, progress: &mut dyn FnMut(u64)) ->
                 bail!("{extra} is in the archive but not in its index");
             }
         }
-        None if ours => bail!(
-            "the archive ends before its index ({INDEX}): it is truncated"
-        ),
+        None if ours => bail!("the archive ends before its index ({INDEX}): it is truncated"),
         None => {}
     }
     Ok(index)
@@ -476,7 +481,9 @@ pub fn check(dir: &Path) -> Result<Unpacked> {
         }
     }
     if spec["process"].is_null() || spec["root"].is_null() {
-        return Err(anyhow!("{SPEC_DUMP} is no OCI runtime spec (no process or root)"));
+        return Err(anyhow!(
+            "{SPEC_DUMP} is no OCI runtime spec (no process or root)"
+        ));
     }
     Ok(Unpacked {
         dir: dir.to_path_buf(),
@@ -495,7 +502,15 @@ mod tests {
         fs::create_dir_all(dir.join("checkpoint")).unwrap();
         fs::write(dir.join(CONFIG_DUMP), br#"{"id":"a","name":"a"}"#).unwrap();
         fs::write(dir.join(SPEC_DUMP), br#"{"process":{},"root":{}}"#).unwrap();
-        fs::write(dir.join(OWN), serde_json::to_vec(&Own { format: 1, ..Default::default() }).unwrap()).unwrap();
+        fs::write(
+            dir.join(OWN),
+            serde_json::to_vec(&Own {
+                format: 1,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
         fs::write(dir.join("checkpoint/inventory.img"), vec![7u8; 5000]).unwrap();
         fs::write(dir.join(ROOTFS_DIFF), vec![1u8; 3000]).unwrap();
     }
@@ -527,7 +542,10 @@ mod tests {
         for cut in [bytes.len() - 2048, bytes.len() / 2, 700] {
             let dest = t.path().join(format!("cut{cut}"));
             fs::create_dir(&dest).unwrap();
-            assert!(extract(&bytes[..cut], &dest, &mut |_| {}).is_err(), "cut at {cut}");
+            assert!(
+                extract(&bytes[..cut], &dest, &mut |_| {}).is_err(),
+                "cut at {cut}"
+            );
         }
         // One byte of file data flipped: the tar headers are fine, the index is not.
         let mut bad = bytes.clone();
@@ -535,7 +553,9 @@ mod tests {
         bad[at] ^= 0xff;
         let dest = t.path().join("flip");
         fs::create_dir(&dest).unwrap();
-        let e = extract(&bad[..], &dest, &mut |_| {}).unwrap_err().to_string();
+        let e = extract(&bad[..], &dest, &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not match"), "{e}");
         // A zstd archive cut short.
         let (t, z) = archive(Compression::Zstd);
@@ -568,7 +588,10 @@ mod tests {
             h.set_cksum();
             b.append(&h, io::empty()).unwrap();
             let bytes = b.into_inner().unwrap();
-            assert!(extract(&bytes[..], t.path(), &mut |_| {}).is_err(), "{name}");
+            assert!(
+                extract(&bytes[..], t.path(), &mut |_| {}).is_err(),
+                "{name}"
+            );
             assert!(!t.path().parent().unwrap().join("escape").exists());
         }
     }

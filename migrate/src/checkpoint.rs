@@ -68,7 +68,10 @@ pub struct Taken {
 
 impl Taken {
     pub fn criu_version(&self) -> String {
-        self.shim["criu_version"].as_str().unwrap_or_default().to_string()
+        self.shim["criu_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The phase figures and sizes, as `--print-stats` shows them.
@@ -91,12 +94,24 @@ impl Taken {
         let t = vec![
             ("container".into(), self.own.id.clone()),
             ("freeze".into(), format!("{:.1} ms", f("freeze_ms"))),
-            ("rootfs diff + volumes".into(), format!("{:.1} ms", f("diff_ms"))),
+            (
+                "rootfs diff + volumes".into(),
+                format!("{:.1} ms", f("diff_ms")),
+            ),
             ("CRIU dump".into(), format!("{:.1} ms", f("dump_ms"))),
             ("thaw".into(), format!("{:.1} ms", f("thaw_ms"))),
-            ("checkpoint call".into(), format!("{:.1} ms", self.checkpoint_ms)),
-            ("memory".into(), human(v["memory_bytes"].as_u64().unwrap_or(0))),
-            ("rootfs diff".into(), human(v["rootfs_diff_bytes"].as_u64().unwrap_or(0))),
+            (
+                "checkpoint call".into(),
+                format!("{:.1} ms", self.checkpoint_ms),
+            ),
+            (
+                "memory".into(),
+                human(v["memory_bytes"].as_u64().unwrap_or(0)),
+            ),
+            (
+                "rootfs diff".into(),
+                human(v["rootfs_diff_bytes"].as_u64().unwrap_or(0)),
+            ),
             ("volumes".into(), human(n("volumes_bytes"))),
             ("checkpoint size".into(), human(archive_bytes)),
         ];
@@ -121,14 +136,24 @@ fn move_up(images: &Path, dir: &Path, name: &str, keep: bool) -> Result<()> {
 /// A fresh work directory under `root` for container `id`.
 pub fn work_dir(root: &Path, id: &str) -> Result<PathBuf> {
     fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
-    let dir = root.join(format!("{id}-{}-{}", std::process::id(), crate::progress::wall_ms()));
+    let dir = root.join(format!(
+        "{id}-{}-{}",
+        std::process::id(),
+        crate::progress::wall_ms()
+    ));
     fs::create_dir(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
 
 /// Checkpoints container `id` into `dir` (empty, on this host), already
 /// paused by the caller when `paused_by_us`.
-pub async fn take(cd: &Cd, id: &str, want: &Want, dir: &Path, progress: &Progress) -> Result<Taken> {
+pub async fn take(
+    cd: &Cd,
+    id: &str,
+    want: &Want,
+    dir: &Path,
+    progress: &Progress,
+) -> Result<Taken> {
     let c = cd.container(id).await?;
     match cd.task_status(id).await? {
         Some(s) if s == TASK_RUNNING || s == TASK_PAUSED => {}
@@ -180,7 +205,10 @@ pub async fn take(cd: &Cd, id: &str, want: &Want, dir: &Path, progress: &Progres
     move_up(&images, dir, archive::DELETED_FILES, !want.ignore_rootfs)?;
     move_up(&images, dir, archive::VOLUMES, !want.ignore_volumes)?;
     if images.join(archive::STATS_DUMP).is_file() {
-        fs::copy(images.join(archive::STATS_DUMP), dir.join(archive::STATS_DUMP))?;
+        fs::copy(
+            images.join(archive::STATS_DUMP),
+            dir.join(archive::STATS_DUMP),
+        )?;
     }
     let mut spec: serde_json::Value = c
         .spec
@@ -216,21 +244,46 @@ pub async fn take(cd: &Cd, id: &str, want: &Want, dir: &Path, progress: &Progres
         namespace: cd.namespace().into(),
         id: id.into(),
         image: c.image.clone(),
-        labels: c.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
-        runtime: c.runtime.as_ref().map(|r| r.name.clone()).unwrap_or_default(),
-        runtime_options_type: opts_any.as_ref().map(|a| a.type_url.clone()).unwrap_or_default(),
+        labels: c
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        runtime: c
+            .runtime
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default(),
+        runtime_options_type: opts_any
+            .as_ref()
+            .map(|a| a.type_url.clone())
+            .unwrap_or_default(),
         runtime_options: opts_any.map(|a| a.value).unwrap_or_default(),
         snapshotter: c.snapshotter.clone(),
-        spec_type_url: c.spec.as_ref().map(|s| s.type_url.clone()).unwrap_or_default(),
+        spec_type_url: c
+            .spec
+            .as_ref()
+            .map(|s| s.type_url.clone())
+            .unwrap_or_default(),
         live: !want.exit,
         rootfs_included: !want.ignore_rootfs,
-        volumes: if want.ignore_volumes { Vec::new() } else { volumes },
+        volumes: if want.ignore_volumes {
+            Vec::new()
+        } else {
+            volumes
+        },
         added_annotations,
         checkpointed_at: archive::now_rfc3339(),
         source_host: hostname(),
     };
-    fs::write(dir.join(archive::CONFIG_DUMP), serde_json::to_vec_pretty(&config)?)?;
-    fs::write(dir.join(archive::SPEC_DUMP), serde_json::to_vec_pretty(&spec)?)?;
+    fs::write(
+        dir.join(archive::CONFIG_DUMP),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
+    fs::write(
+        dir.join(archive::SPEC_DUMP),
+        serde_json::to_vec_pretty(&spec)?,
+    )?;
     fs::write(dir.join(archive::OWN), serde_json::to_vec_pretty(&own)?)?;
     Ok(Taken {
         dir: dir.to_path_buf(),
@@ -257,12 +310,19 @@ fn nix_hostname() -> Option<String> {
 }
 
 /// Writes the arranged `dir` as archive `out` (whole or not at all).
-pub async fn export(dir: &Path, out: &Path, compression: Compression, progress: &Progress) -> Result<u64> {
+pub async fn export(
+    dir: &Path,
+    out: &Path,
+    compression: Compression,
+    progress: &Progress,
+) -> Result<u64> {
     let total = archive::dir_bytes(dir);
     progress.phase("export", total);
     let tmp = out.with_file_name(format!(
         ".{}.partial",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let (d, t, p) = (dir.to_path_buf(), tmp.clone(), progress.clone());
     let r = tokio::task::spawn_blocking(move || -> Result<u64> {
@@ -277,7 +337,8 @@ pub async fn export(dir: &Path, out: &Path, compression: Compression, progress: 
     .map_err(|e| anyhow::anyhow!("export thread: {e}"))?;
     match r {
         Ok(n) => {
-            fs::rename(&tmp, out).with_context(|| format!("move the archive to {}", out.display()))?;
+            fs::rename(&tmp, out)
+                .with_context(|| format!("move the archive to {}", out.display()))?;
             Ok(n)
         }
         Err(e) => {

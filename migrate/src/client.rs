@@ -61,7 +61,10 @@ impl Cd {
 
     /// Where this containerd is, for messages: "containerd at ADDRESS (namespace NS)".
     pub fn describe(&self) -> String {
-        format!("containerd at {} (namespace {})", self.address, self.namespace)
+        format!(
+            "containerd at {} (namespace {})",
+            self.address, self.namespace
+        )
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
@@ -78,10 +81,7 @@ impl Cd {
     /// Takes a lease (content and snapshots made from now on are kept until
     /// [`Self::end_lease`]), expiring by itself after an hour.
     pub async fn lease(&mut self, id: &str) -> Result<()> {
-        let labels = HashMap::from([(
-            "containerd.io/gc.expire".to_string(),
-            time_in(3600),
-        )]);
+        let labels = HashMap::from([("containerd.io/gc.expire".to_string(), time_in(3600))]);
         LeasesClient::new(self.channel.clone())
             .create(self.req(CreateLeaseRequest {
                 id: id.to_string(),

@@ -27,7 +27,11 @@ fn registry(reference: &str, plain_http: bool) -> OciRegistry {
     OciRegistry {
         reference: reference.to_string(),
         resolver: Some(RegistryResolver {
-            default_scheme: if plain_http { "http".into() } else { String::new() },
+            default_scheme: if plain_http {
+                "http".into()
+            } else {
+                String::new()
+            },
             ..Default::default()
         }),
     }
@@ -36,7 +40,9 @@ fn registry(reference: &str, plain_http: bool) -> OciRegistry {
 fn platform() -> Platform {
     Platform {
         os: "linux".into(),
-        architecture: std::env::consts::ARCH.replace("x86_64", "amd64").replace("aarch64", "arm64"),
+        architecture: std::env::consts::ARCH
+            .replace("x86_64", "amd64")
+            .replace("aarch64", "arm64"),
         ..Default::default()
     }
 }
@@ -62,9 +68,9 @@ impl Write for ChanWriter {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             let chunk = std::mem::take(&mut self.buf);
-            self.tx
-                .blocking_send(chunk)
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "containerd stopped reading"))?;
+            self.tx.blocking_send(chunk).map_err(|_| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "containerd stopped reading")
+            })?;
         }
         Ok(())
     }
@@ -152,7 +158,11 @@ pub async fn create(
     let config = serde_json::to_vec(&config)?;
     let config_size = config.len();
     let config_digest = cd
-        .write_blob(&format!("checkpoint-config-{}", own.id), config, HashMap::new())
+        .write_blob(
+            &format!("checkpoint-config-{}", own.id),
+            config,
+            HashMap::new(),
+        )
         .await?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -239,7 +249,9 @@ async fn manifest_of(cd: &Cd, name: &str) -> Result<serde_json::Value> {
         .image(name)
         .await?
         .ok_or_else(|| anyhow!("no image {name} in {}", cd.describe()))?;
-    let target = img.target.ok_or_else(|| anyhow!("image {name} has no target"))?;
+    let target = img
+        .target
+        .ok_or_else(|| anyhow!("image {name} has no target"))?;
     let mut blob: serde_json::Value = serde_json::from_slice(&cd.read_blob(&target.digest).await?)
         .with_context(|| format!("the target of image {name} is not JSON"))?;
     if target.media_type == INDEX || target.media_type == DOCKER_LIST {
@@ -266,11 +278,18 @@ async fn chain_id(cd: &Cd, name: &str) -> Result<String> {
     let config: serde_json::Value = serde_json::from_slice(&cd.read_blob(cfg_digest).await?)
         .with_context(|| format!("image {name}: config is not JSON"))?;
     let mut chain: Option<String> = None;
-    for d in config["rootfs"]["diff_ids"].as_array().into_iter().flatten() {
+    for d in config["rootfs"]["diff_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let d = d.as_str().unwrap_or_default();
         chain = Some(match chain {
             None => d.to_string(),
-            Some(c) => format!("sha256:{}", hex(&Sha256::digest(format!("{c} {d}").as_bytes()))),
+            Some(c) => format!(
+                "sha256:{}",
+                hex(&Sha256::digest(format!("{c} {d}").as_bytes()))
+            ),
         });
     }
     chain.ok_or_else(|| anyhow!("image {name} has no layers"))
@@ -278,14 +297,24 @@ async fn chain_id(cd: &Cd, name: &str) -> Result<String> {
 
 /// Makes sure base image `name` is on this host and unpacked for
 /// `snapshotter`, pulling it if it is not; returns its chain ID.
-pub async fn ensure_base(cd: &Cd, name: &str, snapshotter: &str, plain_http: bool) -> Result<String> {
+pub async fn ensure_base(
+    cd: &Cd,
+    name: &str,
+    snapshotter: &str,
+    plain_http: bool,
+) -> Result<String> {
     if name.is_empty() {
         bail!("the checkpoint names no base image");
     }
     if cd.image(name).await?.is_none() {
-        pull(cd, name, plain_http, Some(snapshotter)).await.with_context(|| {
-            format!("base image {name} is not on this host ({}) and could not be pulled", cd.describe())
-        })?;
+        pull(cd, name, plain_http, Some(snapshotter))
+            .await
+            .with_context(|| {
+                format!(
+                    "base image {name} is not on this host ({}) and could not be pulled",
+                    cd.describe()
+                )
+            })?;
     }
     let chain = chain_id(cd, name).await?;
     if !cd.snapshot_exists(snapshotter, &chain).await? {
@@ -314,7 +343,10 @@ pub async fn fetch(
     }
     let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
     let [layer] = &layers[..] else {
-        bail!("checkpoint image {reference} has {} layers, not one", layers.len());
+        bail!(
+            "checkpoint image {reference} has {} layers, not one",
+            layers.len()
+        );
     };
     let digest = layer["digest"].as_str().unwrap_or_default().to_string();
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);

@@ -44,14 +44,18 @@ struct CoreEntry {
 /// The protobuf entries of a CRIU image file with magic `magic`.
 fn entries(path: &Path, magic: u32) -> Result<Vec<Vec<u8>>> {
     let b = fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    let word = |at: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?)) };
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
     if word(0) != Some(IMG_COMMON_MAGIC) || word(4) != Some(magic) {
         bail!("{} is not the CRIU image it should be", path.display());
     }
     let mut at = 8;
     let mut out = Vec::new();
     while at < b.len() {
-        let Some(len) = word(at) else { bail!("{}: truncated entry", path.display()) };
+        let Some(len) = word(at) else {
+            bail!("{}: truncated entry", path.display())
+        };
         let len = len as usize;
         let body = b
             .get(at + 4..at + 4 + len)
@@ -153,9 +157,22 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
         ("shim version".into(), s("shim_version")),
         ("CRIU version".into(), s("criu_version")),
         ("memory pages".into(), human(memory)),
-        ("CRIU images".into(), human(v["checkpoint_bytes"].as_u64().unwrap_or(0))),
-        ("rootfs diff".into(), human(v["rootfs_diff_bytes"].as_u64().unwrap_or(0))),
-        ("volumes".into(), format!("{} ({})", own.volumes.join(", "), human(v["volumes_bytes"].as_u64().unwrap_or(0)))),
+        (
+            "CRIU images".into(),
+            human(v["checkpoint_bytes"].as_u64().unwrap_or(0)),
+        ),
+        (
+            "rootfs diff".into(),
+            human(v["rootfs_diff_bytes"].as_u64().unwrap_or(0)),
+        ),
+        (
+            "volumes".into(),
+            format!(
+                "{} ({})",
+                own.volumes.join(", "),
+                human(v["volumes_bytes"].as_u64().unwrap_or(0))
+            ),
+        ),
     ];
     for (k, val) in &labels {
         t.push((format!("label {k}"), val.clone()));
@@ -171,7 +188,12 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
     ) {
         t.push((
             format!("{}{}", "  ".repeat(depth + 1), p.pid),
-            format!("{} ({} thread{})", p.comm, p.threads, if p.threads == 1 { "" } else { "s" }),
+            format!(
+                "{} ({} thread{})",
+                p.comm,
+                p.threads,
+                if p.threads == 1 { "" } else { "s" }
+            ),
         ));
         for c in by_parent(p.pid) {
             if depth < 64 {
@@ -180,7 +202,10 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
         }
     }
     let kids = |ppid: u32| by_parent(ppid).collect::<Vec<_>>();
-    for root in procs.iter().filter(|p| !procs.iter().any(|q| q.pid == p.ppid)) {
+    for root in procs
+        .iter()
+        .filter(|p| !procs.iter().any(|q| q.pid == p.ppid))
+    {
         tree(&mut t, &procs, root, 0, &kids);
     }
     Ok((v, t))

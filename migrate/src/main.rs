@@ -24,10 +24,22 @@ use progress::{human, Progress};
 #[command(name = "container-migrate", version, about, long_about = None)]
 struct Cli {
     /// containerd's gRPC socket.
-    #[arg(short, long, global = true, env = "CONTAINERD_ADDRESS", default_value = "/run/containerd/containerd.sock")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     address: PathBuf,
     /// containerd namespace.
-    #[arg(short, long, global = true, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
     namespace: String,
     /// Progress and figures as JSON lines on stdout.
     #[arg(long, global = true)]
@@ -201,7 +213,10 @@ fn main() {
     };
     if let Err(e) = rt.block_on(run(cli, &progress)) {
         if progress.json() {
-            println!("{}", serde_json::json!({"event": "error", "error": format!("{e:#}")}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "error", "error": format!("{e:#}")})
+            );
         }
         eprintln!("container-migrate: {e:#}");
         std::process::exit(1);
@@ -224,7 +239,19 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             }
             let mut cd = Cd::connect(&cli.address, &cli.namespace).await?;
             let dir = checkpoint::work_dir(&work, &container)?;
-            let r = checkpoint_to(&mut cd, &container, &dump, compress, export, image, push, cli.plain_http, &dir, progress).await;
+            let r = checkpoint_to(
+                &mut cd,
+                &container,
+                &dump,
+                compress,
+                export,
+                image,
+                push,
+                cli.plain_http,
+                &dir,
+                progress,
+            )
+            .await;
             let _ = std::fs::remove_dir_all(&dir);
             r
         }
@@ -243,6 +270,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 runtime: target.runtime,
                 plain_http: cli.plain_http,
                 log: target.log,
+                io_root: work.join("io"),
             };
             let (unpacked, tmp) = match (import, image, dir) {
                 (_, _, Some(d)) => (archive::check(&d)?, None),
@@ -267,11 +295,15 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                         Ok(u) => (u, Some(tmp)),
                         Err(e) => {
                             let _ = std::fs::remove_dir_all(&tmp);
-                            return Err(e.context(format!("checkpoint image {r}; nothing was created")));
+                            return Err(
+                                e.context(format!("checkpoint image {r}; nothing was created"))
+                            );
                         }
                     }
                 }
-                (None, None, None) => bail!("say what to restore: --import FILE, --image REF or --dir DIR"),
+                (None, None, None) => {
+                    bail!("say what to restore: --import FILE, --image REF or --dir DIR")
+                }
             };
             let r = restore::restore(&mut cd, &unpacked, &want, progress).await;
             if let Some(t) = tmp {
@@ -279,18 +311,28 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             }
             let r = r?;
             progress.result(
-                serde_json::json!({"name": r.name, "pid": r.pid, "restore_ms": r.restore_ms}),
+                serde_json::json!({"name": r.name, "pid": r.pid, "restore_ms": r.restore_ms,
+                    "log": r.log}),
                 &[
                     ("restored".into(), r.name.clone()),
                     ("pid".into(), r.pid.to_string()),
                     ("restore".into(), format!("{:.1} ms", r.restore_ms)),
+                    ("output".into(), r.log.display().to_string()),
                 ],
             );
             Ok(())
         }
         Cmd::Inspect { checkpoint: what } => {
             let tmp = checkpoint::work_dir(&work, "inspect")?;
-            let r = inspect_any(&cli.address, &cli.namespace, &what, cli.plain_http, &tmp, progress).await;
+            let r = inspect_any(
+                &cli.address,
+                &cli.namespace,
+                &what,
+                cli.plain_http,
+                &tmp,
+                progress,
+            )
+            .await;
             let _ = std::fs::remove_dir_all(&tmp);
             let (v, t) = r?;
             progress.result(v, &t);
@@ -360,13 +402,28 @@ async fn checkpoint_to(
             .map_err(|e| state(e, &dump.exit, container))?;
         v["archive"] = file.display().to_string().into();
         v["archive_bytes"] = n.into();
-        t.push(("archive".into(), format!("{} ({})", file.display(), human(n))));
+        t.push((
+            "archive".into(),
+            format!("{} ({})", file.display(), human(n)),
+        ));
     }
     if let Some(reference) = &image {
-        cd.lease(&format!("container-migrate-{container}-{}", progress::wall_ms())).await?;
+        cd.lease(&format!(
+            "container-migrate-{container}-{}",
+            progress::wall_ms()
+        ))
+        .await?;
         progress.phase("image", archive::dir_bytes(&taken.dir));
         let p = progress.clone();
-        let mut made = image::create(cd, &taken.dir, reference, &taken.own, &taken.criu_version(), &mut move |n| p.bytes(n)).await;
+        let mut made = image::create(
+            cd,
+            &taken.dir,
+            reference,
+            &taken.own,
+            &taken.criu_version(),
+            &mut move |n| p.bytes(n),
+        )
+        .await;
         if made.is_ok() && push {
             progress.phase("push", 0);
             made = image::push(cd, reference, plain_http).await.map(|_| 0);
@@ -374,7 +431,10 @@ async fn checkpoint_to(
         cd.end_lease().await;
         made.map_err(|e| state(e, &dump.exit, container))?;
         v["image"] = reference.clone().into();
-        t.push(("image".into(), format!("{reference}{}", if push { " (pushed)" } else { "" })));
+        t.push((
+            "image".into(),
+            format!("{reference}{}", if push { " (pushed)" } else { "" }),
+        ));
     }
     progress.result(v, &t);
     Ok(())
@@ -382,7 +442,9 @@ async fn checkpoint_to(
 
 fn state(e: anyhow::Error, exit: &bool, container: &str) -> anyhow::Error {
     if *exit {
-        e.context(format!("{container} exited with the checkpoint, which could not be written"))
+        e.context(format!(
+            "{container} exited with the checkpoint, which could not be written"
+        ))
     } else {
         e.context(format!("{container} runs on"))
     }

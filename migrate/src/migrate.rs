@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use crate::archive::{self, Compression};
 use crate::checkpoint::{self, Want as CheckpointWant};
 use crate::client::{Cd, TASK_RUNNING};
+use crate::image;
 use crate::progress::{human, wall_ms, Progress};
 use crate::restore::{self, Want as RestoreWant};
-use crate::image;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -88,9 +88,12 @@ fn connect(to: &str) -> Result<TcpStream> {
     let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .with_context(|| format!("destination {to}"))?
         .collect();
-    let a = addrs.first().ok_or_else(|| anyhow!("destination {to} resolves to nothing"))?;
-    let s = TcpStream::connect_timeout(a, Duration::from_secs(10))
-        .with_context(|| format!("connect to the receiver at {to} (is `container-migrate receive` running there?)"))?;
+    let a = addrs
+        .first()
+        .ok_or_else(|| anyhow!("destination {to} resolves to nothing"))?;
+    let s = TcpStream::connect_timeout(a, Duration::from_secs(10)).with_context(|| {
+        format!("connect to the receiver at {to} (is `container-migrate receive` running there?)")
+    })?;
     s.set_nodelay(true)?;
     Ok(s)
 }
@@ -103,7 +106,12 @@ fn send_line(s: &mut TcpStream, v: &impl Serialize) -> Result<()> {
 }
 
 /// Moves container `args.id` from `cd` to the receiver at `args.to`.
-pub async fn migrate(cd: &mut Cd, args: MigrateArgs, work_root: &Path, progress: &Progress) -> Result<()> {
+pub async fn migrate(
+    cd: &mut Cd,
+    args: MigrateArgs,
+    work_root: &Path,
+    progress: &Progress,
+) -> Result<()> {
     let t0 = Instant::now();
     let id = args.id.clone();
     // The source stops at the dump (and its CRIU keeps the connections'
@@ -147,7 +155,11 @@ pub async fn migrate(cd: &mut Cd, args: MigrateArgs, work_root: &Path, progress:
             "the container runs on the destination, but removing {id} here failed: {e:#}"
         ));
     }
-    let stopped = if paused { paused_at } else { taken.stopped_at_ms };
+    let stopped = if paused {
+        paused_at
+    } else {
+        taken.stopped_at_ms
+    };
     let downtime = reply.started_at_ms.saturating_sub(stopped);
     let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let (mut v, mut table) = taken.figures();
@@ -159,7 +171,10 @@ pub async fn migrate(cd: &mut Cd, args: MigrateArgs, work_root: &Path, progress:
     v["bytes_moved"] = reply.bytes.into();
     v["restore_ms"] = reply.restore_ms.into();
     table.insert(0, ("path".into(), format!("{:?}", args.via).to_lowercase()));
-    table.push(("restore on destination".into(), format!("{:.1} ms", reply.restore_ms)));
+    table.push((
+        "restore on destination".into(),
+        format!("{:.1} ms", reply.restore_ms),
+    ));
     table.push(("bytes moved".into(), human(reply.bytes)));
     table.push(("downtime".into(), format!("{downtime} ms")));
     table.push(("total".into(), format!("{total_ms:.0} ms")));
@@ -168,7 +183,13 @@ pub async fn migrate(cd: &mut Cd, args: MigrateArgs, work_root: &Path, progress:
 }
 
 /// Puts the source back after a failed move; says what state it is in.
-async fn after_failure(cd: &Cd, id: &str, paused: bool, exit: bool, kept: Option<&PathBuf>) -> String {
+async fn after_failure(
+    cd: &Cd,
+    id: &str,
+    paused: bool,
+    exit: bool,
+    kept: Option<&PathBuf>,
+) -> String {
     let dest = "nothing of it runs on the destination";
     if exit {
         return match (cd.task_status(id).await, kept) {
@@ -233,9 +254,18 @@ async fn hand_over(
                 .clone()
                 .ok_or_else(|| anyhow!("--via registry needs --image REF"))?;
             progress.phase("image", archive::dir_bytes(&taken.dir));
-            cd.lease(&format!("container-migrate-{}-{}", args.id, wall_ms())).await?;
+            cd.lease(&format!("container-migrate-{}-{}", args.id, wall_ms()))
+                .await?;
             let p = progress.clone();
-            let made = image::create(cd, &taken.dir, &reference, &taken.own, &taken.criu_version(), &mut move |n| p.bytes(n)).await;
+            let made = image::create(
+                cd,
+                &taken.dir,
+                &reference,
+                &taken.own,
+                &taken.criu_version(),
+                &mut move |n| p.bytes(n),
+            )
+            .await;
             if let Err(e) = made {
                 cd.end_lease().await;
                 return Err(e);
@@ -258,7 +288,8 @@ async fn hand_over(
             progress.phase("send", size);
             let (mut s, p) = (sock.try_clone()?, progress.clone());
             tokio::task::spawn_blocking(move || -> Result<()> {
-                let mut f = std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+                let mut f = std::fs::File::open(&file)
+                    .with_context(|| format!("open {}", file.display()))?;
                 copy_counting(&mut f, &mut s, &mut |n| p.bytes(n))?;
                 Ok(())
             })
@@ -268,7 +299,12 @@ async fn hand_over(
         Via::Stream => {
             send_line(sock, &header)?;
             progress.phase("stream", archive::dir_bytes(&taken.dir));
-            let (s, p, d, c) = (sock.try_clone()?, progress.clone(), taken.dir.clone(), args.compress);
+            let (s, p, d, c) = (
+                sock.try_clone()?,
+                progress.clone(),
+                taken.dir.clone(),
+                args.compress,
+            );
             tokio::task::spawn_blocking(move || -> Result<()> {
                 let w = std::io::BufWriter::with_capacity(1 << 20, s);
                 let mut w = archive::write(&d, w, c, &mut |n| p.bytes(n))?;
@@ -294,7 +330,8 @@ async fn hand_over(
     if line.is_empty() {
         bail!("the destination closed the connection without a reply");
     }
-    let reply: Reply = serde_json::from_str(&line).context("the destination's reply is not valid")?;
+    let reply: Reply =
+        serde_json::from_str(&line).context("the destination's reply is not valid")?;
     if !reply.ok {
         bail!(
             "the destination could not restore: {}",
@@ -304,7 +341,11 @@ async fn hand_over(
     Ok(reply)
 }
 
-fn copy_counting(r: &mut impl Read, w: &mut impl Write, progress: &mut dyn FnMut(u64)) -> Result<u64> {
+fn copy_counting(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -328,7 +369,12 @@ pub struct ReceiveArgs {
 }
 
 /// Serves migrations into `cd`, one at a time.
-pub async fn receive(cd: &mut Cd, args: ReceiveArgs, work_root: &Path, progress: &Progress) -> Result<()> {
+pub async fn receive(
+    cd: &mut Cd,
+    args: ReceiveArgs,
+    work_root: &Path,
+    progress: &Progress,
+) -> Result<()> {
     let addr = args.listen.strip_prefix("tcp://").unwrap_or(&args.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -371,18 +417,24 @@ async fn serve_one(
     progress: &Progress,
 ) -> Result<Reply> {
     let s = sock.try_clone()?;
-    let (header, reader) = tokio::task::spawn_blocking(move || -> Result<(Header, BufReader<TcpStream>)> {
-        let mut r = BufReader::with_capacity(1 << 20, s);
-        let mut line = String::new();
-        r.read_line(&mut line).context("read the migration header")?;
-        let h: Header = serde_json::from_str(&line).context("the migration header is not valid")?;
-        if h.version != 1 {
-            bail!("migration protocol version {} (this receiver speaks 1)", h.version);
-        }
-        Ok((h, r))
-    })
-    .await
-    .map_err(|e| anyhow!("header thread: {e}"))??;
+    let (header, reader) =
+        tokio::task::spawn_blocking(move || -> Result<(Header, BufReader<TcpStream>)> {
+            let mut r = BufReader::with_capacity(1 << 20, s);
+            let mut line = String::new();
+            r.read_line(&mut line)
+                .context("read the migration header")?;
+            let h: Header =
+                serde_json::from_str(&line).context("the migration header is not valid")?;
+            if h.version != 1 {
+                bail!(
+                    "migration protocol version {} (this receiver speaks 1)",
+                    h.version
+                );
+            }
+            Ok((h, r))
+        })
+        .await
+        .map_err(|e| anyhow!("header thread: {e}"))??;
     let work = checkpoint::work_dir(work_root, "incoming")?;
     let dir = work.join("archive");
     std::fs::create_dir(&dir)?;
@@ -442,13 +494,17 @@ async fn receive_into(
         Via::Stream => {
             progress.phase("receive + unpack", 0);
             let (d, p) = (dir.to_path_buf(), progress.clone());
-            let counted = tokio::task::spawn_blocking(move || -> Result<(archive::Unpacked, u64)> {
-                let mut counter = Counting { inner: reader, n: 0 };
-                archive::extract(&mut counter, &d, &mut |n| p.bytes(n))?;
-                Ok((archive::check(&d)?, counter.n))
-            })
-            .await
-            .map_err(|e| anyhow!("unpack thread: {e}"))??;
+            let counted =
+                tokio::task::spawn_blocking(move || -> Result<(archive::Unpacked, u64)> {
+                    let mut counter = Counting {
+                        inner: reader,
+                        n: 0,
+                    };
+                    archive::extract(&mut counter, &d, &mut |n| p.bytes(n))?;
+                    Ok((archive::check(&d)?, counter.n))
+                })
+                .await
+                .map_err(|e| anyhow!("unpack thread: {e}"))??;
             counted
         }
     };
@@ -460,9 +516,14 @@ async fn receive_into(
         log: args.log_dir.as_ref().map(|d| {
             d.join(format!(
                 "{}.log",
-                header.name.clone().or_else(|| unpacked.own.as_ref().map(|o| o.id.clone())).unwrap_or_default()
+                header
+                    .name
+                    .clone()
+                    .or_else(|| unpacked.own.as_ref().map(|o| o.id.clone()))
+                    .unwrap_or_default()
             ))
         }),
+        io_root: work.parent().unwrap_or(work).join("io"),
         ..Default::default()
     };
     let r = restore::restore(cd, &unpacked, &want, progress).await?;

@@ -121,7 +121,10 @@ impl Progress {
         let Ok(mut i) = self.inner.lock() else { return };
         i.end_line();
         if i.json {
-            println!("{}", serde_json::json!({"event": "note", "text": text, "at_ms": wall_ms()}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "note", "text": text, "at_ms": wall_ms()})
+            );
         } else {
             eprintln!("{text}");
         }

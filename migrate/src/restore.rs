@@ -35,8 +35,10 @@ pub struct Want {
     pub volume_map: Vec<(String, PathBuf)>,
     pub runtime: Option<String>,
     pub plain_http: bool,
-    /// Where the task's stdout and stderr go (`file://` URI); none: nowhere.
+    /// Where the task's stdout and stderr go; none: `<io_root>/<ns>/<name>/output.log`.
     pub log: Option<PathBuf>,
+    /// Where restored tasks get their stdin fifo (and default log).
+    pub io_root: PathBuf,
 }
 
 pub struct Restored {
@@ -45,6 +47,8 @@ pub struct Restored {
     pub restore_ms: f64,
     /// When the restored task was started (wall clock, ms).
     pub started_at_ms: u64,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
 }
 
 fn name_of(u: &Unpacked, want: &Want) -> Result<String> {
@@ -74,8 +78,15 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
         }
     }
     let old = u.own.as_ref().map(|o| o.id.as_str()).unwrap_or_default();
-    let cg = spec["linux"]["cgroupsPath"].as_str().unwrap_or_default().to_string();
-    let src_ns = u.own.as_ref().map(|o| o.namespace.as_str()).unwrap_or_default();
+    let cg = spec["linux"]["cgroupsPath"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let src_ns = u
+        .own
+        .as_ref()
+        .map(|o| o.namespace.as_str())
+        .unwrap_or_default();
     let cg = if cg.is_empty() || cg == format!("/{src_ns}/{old}") {
         // ctr's and containerd's default: /<namespace>/<id>, here's namespace.
         format!("/{ns}/{name}")
@@ -92,7 +103,9 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
     for (dest, src) in &want.volume_map {
         let mut found = false;
         for m in spec["mounts"].as_array_mut().into_iter().flatten() {
-            if m["destination"].as_str().map(|d| d.trim_end_matches('/')) == Some(dest.trim_end_matches('/')) {
+            if m["destination"].as_str().map(|d| d.trim_end_matches('/'))
+                == Some(dest.trim_end_matches('/'))
+            {
                 m["source"] = src.display().to_string().into();
                 found = true;
             }
@@ -101,7 +114,10 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
             bail!("--volume {dest}=…: the container has no mount at {dest}");
         }
         if !src.is_dir() {
-            bail!("--volume {dest}={}: no such directory on this host", src.display());
+            bail!(
+                "--volume {dest}={}: no such directory on this host",
+                src.display()
+            );
         }
     }
     Ok(spec)
@@ -131,11 +147,19 @@ fn task_options(u: &Unpacked, images: &Path) -> Any {
 }
 
 /// Restores the checked archive in `u.dir` on `cd`.
-pub async fn restore(cd: &mut Cd, u: &Unpacked, want: &Want, progress: &Progress) -> Result<Restored> {
+pub async fn restore(
+    cd: &mut Cd,
+    u: &Unpacked,
+    want: &Want,
+    progress: &Progress,
+) -> Result<Restored> {
     let t0 = Instant::now();
     let name = name_of(u, want)?;
     if cd.container_exists(&name).await? {
-        bail!("a container named {name} exists already in {}: say --name", cd.describe());
+        bail!(
+            "a container named {name} exists already in {}: say --name",
+            cd.describe()
+        );
     }
     let base = u
         .own
@@ -152,7 +176,12 @@ pub async fn restore(cd: &mut Cd, u: &Unpacked, want: &Want, progress: &Progress
     let runtime = want
         .runtime
         .clone()
-        .or_else(|| u.own.as_ref().map(|o| o.runtime.clone()).filter(|r| !r.is_empty()))
+        .or_else(|| {
+            u.own
+                .as_ref()
+                .map(|o| o.runtime.clone())
+                .filter(|r| !r.is_empty())
+        })
         .unwrap_or_else(|| "io.containerd.custom.v2".into());
     let spec = new_spec(u, &name, cd.namespace(), want)?;
     progress.phase("base image", 0);
@@ -166,16 +195,34 @@ pub async fn restore(cd: &mut Cd, u: &Unpacked, want: &Want, progress: &Progress
         let _ = std::fs::remove_dir_all(u.dir.join(archive::VOLUMES));
     }
     progress.phase("restore", 0);
-    cd.lease(&format!("container-migrate-{name}-{}", wall_ms())).await?;
-    let made = create(cd, u, &name, &base, &snapshotter, &chain, &runtime, spec, want).await;
+    cd.lease(&format!("container-migrate-{name}-{}", wall_ms()))
+        .await?;
+    let (stdin, log) = task_io(&want.io_root, cd.namespace(), &name, want.log.as_deref())?;
+    let made = create(
+        cd,
+        u,
+        &name,
+        &base,
+        &snapshotter,
+        &chain,
+        &runtime,
+        spec,
+        (&stdin, &log),
+    )
+    .await;
     cd.end_lease().await;
     let pid = match made {
         Ok(pid) => pid,
         Err(e) => {
             let undo = undo(cd, &name, &snapshotter).await;
+            if let Some(dir) = stdin.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             return Err(match undo {
                 Ok(()) => e.context(format!("nothing of {name} was left on {}", cd.describe())),
-                Err(u2) => e.context(format!("and removing what was made of {name} failed too: {u2:#}")),
+                Err(u2) => e.context(format!(
+                    "and removing what was made of {name} failed too: {u2:#}"
+                )),
             });
         }
     };
@@ -184,6 +231,7 @@ pub async fn restore(cd: &mut Cd, u: &Unpacked, want: &Want, progress: &Progress
         pid,
         restore_ms: t0.elapsed().as_secs_f64() * 1000.0,
         started_at_ms: wall_ms(),
+        log,
     })
 }
 
@@ -197,7 +245,7 @@ async fn create(
     chain: &str,
     runtime: &str,
     spec: serde_json::Value,
-    want: &Want,
+    (stdin, log): (&Path, &Path),
 ) -> Result<u32> {
     let mounts = cd.prepare_snapshot(snapshotter, name, chain).await?;
     let own = u.own.clone().unwrap_or_default();
@@ -228,15 +276,12 @@ async fn create(
         ..Default::default()
     })
     .await?;
-    let log = want
-        .log
-        .as_ref()
-        .map(|p| format!("file://{}", p.display()))
-        .unwrap_or_default();
+    let log = format!("file://{}", log.display());
     let images = u.dir.join(archive::CHECKPOINT_DIR);
     cd.create_task(CreateTaskRequest {
         container_id: name.to_string(),
         rootfs: mounts,
+        stdin: stdin.display().to_string(),
         stdout: log.clone(),
         stderr: log,
         options: Some(task_options(u, &images)),
@@ -253,6 +298,31 @@ async fn undo(cd: &Cd, name: &str, snapshotter: &str) -> Result<()> {
     cd.remove_task(name).await?;
     cd.delete_container(name).await?;
     cd.remove_snapshot(snapshotter, name).await
+}
+
+/// The restored task's stdin, a fifo the shim holds open (a process reading
+/// its stdin waits, as it did before the checkpoint, instead of reading
+/// EOF), and its log file.
+pub fn task_io(
+    root: &Path,
+    ns: &str,
+    name: &str,
+    log: Option<&Path>,
+) -> Result<(PathBuf, PathBuf)> {
+    let dir = root.join(ns).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let stdin = dir.join("stdin");
+    let c = std::ffi::CString::new(stdin.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mkfifo {}", stdin.display()));
+    }
+    let log = log
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join("output.log"));
+    Ok((stdin, log))
 }
 
 /// Unpacks archive file `file` into `dir` and checks it.

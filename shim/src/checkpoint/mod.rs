@@ -30,8 +30,8 @@ use crate::{
     runtime::runc::{CheckpointOpts, Runc},
 };
 use layout::{DUMP_LOG, METADATA};
-use rootfs_diff::DiffStats;
 pub use restore::RestoreSource;
+use rootfs_diff::DiffStats;
 
 /// What checkpoint and restore use of a container.
 pub struct Target<'a> {

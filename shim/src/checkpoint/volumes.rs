@@ -42,8 +42,8 @@ pub struct Bind {
 pub fn writable_binds(bundle: &Path) -> Result<Vec<Bind>> {
     let path = bundle.join("config.json");
     let bytes = fs::read(&path).map_err(Error::io(format!("read {}", path.display())))?;
-    let spec: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(Error::json(format!("decode {}", path.display())))?;
+    let spec: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(Error::json(format!("decode {}", path.display())))?;
     let mut binds = Vec::new();
     for m in spec["mounts"].as_array().into_iter().flatten() {
         let opts: Vec<&str> = m["options"]
@@ -113,7 +113,11 @@ pub fn capture(binds: &[Bind], image: &Path) -> Result<DiffStats> {
             lowers: Vec::new(),
         };
         let stats = rootfs_diff::capture(&overlay, &out).map_err(|e| {
-            Error::Internal(format!("volume {} ({}): {e}", b.destination, b.source.display()))
+            Error::Internal(format!(
+                "volume {} ({}): {e}",
+                b.destination,
+                b.source.display()
+            ))
         })?;
         total.bytes += stats.bytes;
         total.entries += stats.entries;
@@ -194,11 +198,15 @@ pub fn apply(dir: &Path, bundle: &Path) -> Result<DiffStats> {
     for (e, b) in plan {
         let what = format!("volume {} into {}", e.destination, b.source.display());
         let stats =
-            rootfs_diff::apply(&dir.join(DIR).join(&e.dir), &b.source).map_err(|err| match err {
-                Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
-                Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{what}: {m}")),
-                other => other,
-            })?;
+            rootfs_diff::apply(&dir.join(DIR).join(&e.dir), &b.source).map_err(
+                |err| match err {
+                    Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
+                    Error::FailedPrecondition(m) => {
+                        Error::FailedPrecondition(format!("{what}: {m}"))
+                    }
+                    other => other,
+                },
+            )?;
         total.bytes += stats.bytes;
         total.entries += stats.entries;
         total.deleted += stats.deleted;
