@@ -35,8 +35,8 @@ image: ## build the test images (OCI tars: busybox-static, and the CRI tests' pa
 demo: deps install ## the main job: install, build, register, run a container, checkpoint it (live, then exit), restore it, show it continued
 	bash scripts/demo.sh
 
-unit: ## unit tests of the shim
-	$(CARGO) test -p $(SHIM) -p shim-protos
+unit: ## unit tests of the shim and container-migrate
+	$(CARGO) test -p $(SHIM) -p shim-protos -p container-migrate
 
 integration: build image ## integration tests: private containerd + runc + CRIU, through ctr, the Tasks API and the CRI; scenarios run on io.containerd.runc.v2 and io.containerd.custom.v2 alike (checkpoint consistency, hostile input and load on ours)
 	SHIMTEST_IMAGE_TAR=$(CURDIR)/$(IMAGE_TAR) $(CARGO) test -p integration --no-fail-fast -- --test-threads=2

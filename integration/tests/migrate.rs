@@ -408,3 +408,118 @@ fn established_tcp_connection_moves_with_the_container() {
         client.stderr()
     );
 }
+
+/// `--volume DEST` takes only that volume; `--ignore-volumes` and `--ignore-rootfs` leave them
+/// out, and a restore of such a checkpoint brings the memory back without them.
+#[test]
+fn the_caller_chooses_what_goes_into_the_checkpoint() {
+    let h = TwoHosts::start();
+    let (data, logs) = (h.dir().join("data"), h.dir().join("logs"));
+    for d in [&data, &logs] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("seed"), "seed\n").unwrap();
+    }
+    let m = |src: &Path, dst: &str| {
+        format!("type=bind,src={},dst={dst},options=rbind:rw", src.display())
+    };
+    h.a.ctr_ok([
+        "run",
+        "-d",
+        "--runtime",
+        RT,
+        "--mount",
+        &m(&data, "/data"),
+        "--mount",
+        &m(&logs, "/logs"),
+        &h.image,
+        "pick",
+        "sh",
+        "-c",
+        WORKLOAD,
+    ]);
+    let before = wait_counter(&h.a, "pick", 3);
+    let inspect = |file: &Path| -> serde_json::Value {
+        let out = h.run_cli(&h.a, &["--json", "inspect", file.to_str().unwrap()]);
+        assert!(out.status.success(), "inspect: {}", show(&out));
+        result_of(&out)
+    };
+    let one = h.dir().join("one.tar.gz");
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "checkpoint",
+            "pick",
+            "--volume",
+            "/logs",
+            "--compress",
+            "gzip",
+            "--export",
+            one.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "checkpoint --volume: {}", show(&out));
+    let r = inspect(&one);
+    assert_eq!(r["volumes"], serde_json::json!(["/logs"]), "{r}");
+    assert!(r["volumes_bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["rootfs_diff_bytes"].as_u64().unwrap() > 0, "{r}");
+
+    let bare = h.dir().join("bare.tar.zst");
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "checkpoint",
+            "pick",
+            "--ignore-volumes",
+            "--ignore-rootfs",
+            "--export",
+            bare.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "checkpoint --ignore-*: {}",
+        show(&out)
+    );
+    let r = inspect(&bare);
+    assert_eq!(r["volumes"], serde_json::json!([]), "{r}");
+    assert_eq!(r["rootfs_diff_bytes"], 0, "{r}");
+    // A volume name that is no bind mount is refused before anything is frozen.
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "checkpoint",
+            "pick",
+            "--volume",
+            "/nowhere",
+            "--export",
+            "/dev/null",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nowhere"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(h.a.task("pick").unwrap().status, "RUNNING");
+
+    // Restored on B without its files: the memory is back, the rootfs is the image's.
+    let out = h.run_cli(
+        &h.b,
+        &[
+            "restore",
+            "--import",
+            bare.to_str().unwrap(),
+            "--name",
+            "pick-bare",
+        ],
+    );
+    assert!(out.status.success(), "restore: {}", show(&out));
+    let (token, _) = wait_counter(&h.b, "pick-bare", before.1);
+    assert_eq!(token, before.0);
+    let pid = h.b.task("pick-bare").unwrap().pid;
+    assert_ne!(
+        read_in_container(pid, "/etc/motd").as_deref(),
+        Some("changed\n")
+    );
+}

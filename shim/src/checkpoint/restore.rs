@@ -270,6 +270,25 @@ mod tests {
     }
 
     #[test]
+    fn files_are_found_in_the_archive_layout_and_in_our_own() {
+        let t = tempfile::tempdir().unwrap();
+        let images = t.path().join("checkpoint");
+        fs::create_dir(&images).unwrap();
+        // Nothing anywhere: the images dir.
+        assert_eq!(files_dir(&images), images);
+        // The ecosystem's layout: one up.
+        fs::write(t.path().join(ROOTFS_DIFF), b"").unwrap();
+        assert_eq!(files_dir(&images), t.path());
+        // Our own layout wins when the images dir has them.
+        fs::write(images.join(DELETED_FILES), b"[]").unwrap();
+        assert_eq!(files_dir(&images), images);
+        // A dir not named checkpoint never looks up.
+        let other = t.path().join("imgs");
+        fs::create_dir(&other).unwrap();
+        assert_eq!(files_dir(&other), other);
+    }
+
+    #[test]
     fn only_containerds_own_temp_copy_and_the_shims_dirs_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         // containerd's CRI restores from a directory it owns and removes itself.

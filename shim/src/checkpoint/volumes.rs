@@ -213,3 +213,105 @@ pub fn apply(dir: &Path, bundle: &Path) -> Result<DiffStats> {
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(dir: &Path, mounts: serde_json::Value) {
+        fs::write(
+            dir.join("config.json"),
+            serde_json::json!({ "mounts": mounts }).to_string(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn only_writable_bind_mounts_of_directories_are_volumes() {
+        let t = tempfile::tempdir().unwrap();
+        let (data, logs, file) = (
+            t.path().join("data"),
+            t.path().join("logs"),
+            t.path().join("f"),
+        );
+        fs::create_dir(&data).unwrap();
+        fs::create_dir(&logs).unwrap();
+        fs::write(&file, "x").unwrap();
+        bundle(
+            t.path(),
+            serde_json::json!([
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]},
+                {"destination": "/logs", "source": logs, "options": ["rbind"]},
+                {"destination": "/ro", "type": "bind", "source": logs, "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["rbind"]},
+            ]),
+        );
+        let all = select(t.path(), &[ALL.to_string()]).unwrap();
+        let dests: Vec<_> = all.iter().map(|b| b.destination.as_str()).collect();
+        assert_eq!(dests, ["/data", "/logs"]);
+        let one = select(t.path(), &["/logs/".to_string()]).unwrap();
+        assert_eq!(
+            one,
+            vec![Bind {
+                destination: "/logs".into(),
+                source: logs.clone()
+            }]
+        );
+        let e = select(t.path(), &["/ro".to_string()]).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert!(select(t.path(), &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn volumes_go_back_into_the_new_containers_sources() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, image) = (t.path().join("src"), t.path().join("image"));
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("sub/file"), "payload").unwrap();
+        fs::create_dir(&image).unwrap();
+        let binds = vec![Bind {
+            destination: "/data".into(),
+            source: src,
+        }];
+        let stats = capture(&binds, &image).unwrap();
+        assert_eq!(stats.bytes, 7);
+        // Restored into another host's directory for the same destination.
+        let (newb, dest) = (t.path().join("newbundle"), t.path().join("dest"));
+        fs::create_dir(&newb).unwrap();
+        fs::create_dir(&dest).unwrap();
+        bundle(
+            &newb,
+            serde_json::json!([
+                {"destination": "/data", "type": "bind", "source": dest, "options": ["rbind"]}
+            ]),
+        );
+        apply(&image, &newb).unwrap();
+        assert_eq!(
+            fs::read_to_string(dest.join("sub/file")).unwrap(),
+            "payload"
+        );
+        // A new container without that mount: refused, nothing lost silently.
+        bundle(&newb, serde_json::json!([]));
+        assert!(matches!(
+            apply(&image, &newb),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+
+    #[test]
+    fn a_hostile_index_cannot_point_outside_volumes() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join(DIR)).unwrap();
+        for dir in ["..", "../x", "", "a/b"] {
+            let index = serde_json::json!([
+                {"destination": "/data", "dir": dir, "bytes": 0, "entries": 0}
+            ]);
+            fs::write(t.path().join(DIR).join(INDEX), index.to_string()).unwrap();
+            assert!(
+                matches!(read_index(t.path()), Err(Error::InvalidArgument(_))),
+                "{dir:?}"
+            );
+        }
+    }
+}
