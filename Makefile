@@ -6,7 +6,7 @@ CARGO ?= cargo
 SHIM := containerd-shim-custom-v2
 IMAGE_TAR := target/test-image/shimtest.tar
 
-.PHONY: help deps build release install uninstall demo test unit integration image bench bench-quick lint fmt clean
+.PHONY: help deps build release install uninstall demo migrate-demo test unit integration image bench bench-quick lint fmt clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -18,15 +18,16 @@ build: ## build the shim (debug, with the test-only switches of src/test_hooks.r
 	$(CARGO) build -p $(SHIM) --features test-hooks
 	$(CARGO) build -p container-migrate
 
-release: ## build the shim (release: no test switches)
-	$(CARGO) build --release -p $(SHIM)
+release: ## build the shim (release: no test switches) and container-migrate
+	$(CARGO) build --release -p $(SHIM) -p container-migrate
 
-install: release ## put the shim in PREFIX/bin (/usr/local/bin) and register io.containerd.custom.v2 in CONTAINERD_CONFIG (/etc/containerd/config.toml)
+install: release ## put the shim and container-migrate in PREFIX/bin (/usr/local/bin) and register io.containerd.custom.v2 in CONTAINERD_CONFIG (/etc/containerd/config.toml)
 	install -D -m 0755 target/release/$(SHIM) $(DESTDIR)$(PREFIX)/bin/$(SHIM)
+	install -D -m 0755 target/release/container-migrate $(DESTDIR)$(PREFIX)/bin/container-migrate
 	bash scripts/register-runtime.sh $(CONTAINERD_CONFIG)
 
-uninstall: ## remove the shim from PATH (the config entry stays: remove it by hand)
-	rm -f $(DESTDIR)$(PREFIX)/bin/$(SHIM)
+uninstall: ## remove the shim and container-migrate from PATH (the config entry stays: remove it by hand)
+	rm -f $(DESTDIR)$(PREFIX)/bin/$(SHIM) $(DESTDIR)$(PREFIX)/bin/container-migrate
 
 image: ## build the test images (OCI tars: busybox-static, and the CRI tests' pause image)
 	bash scripts/build-test-image.sh $(IMAGE_TAR)
@@ -34,6 +35,9 @@ image: ## build the test images (OCI tars: busybox-static, and the CRI tests' pa
 
 demo: deps install ## the main job: install, build, register, run a container, checkpoint it (live, then exit), restore it, show it continued
 	bash scripts/demo.sh
+
+migrate-demo: deps install ## two hosts on this machine (containerds in network namespaces, a registry): a container with memory, files, a volume and a client's TCP connection moved by each path (straight across, archive file, registry), with downtime, total time and bytes per path
+	bash scripts/migrate-demo.sh
 
 unit: ## unit tests of the shim and container-migrate
 	$(CARGO) test -p $(SHIM) -p shim-protos -p container-migrate

@@ -181,7 +181,6 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
     let by_parent = |ppid: u32| procs.iter().filter(move |p| p.ppid == ppid);
     fn tree<'a>(
         t: &mut Vec<(String, String)>,
-        procs: &'a [Proc],
         p: &'a Proc,
         depth: usize,
         by_parent: &dyn Fn(u32) -> Vec<&'a Proc>,
@@ -197,7 +196,7 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
         ));
         for c in by_parent(p.pid) {
             if depth < 64 {
-                tree(t, procs, c, depth + 1, by_parent);
+                tree(t, c, depth + 1, by_parent);
             }
         }
     }
@@ -206,7 +205,7 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
         .iter()
         .filter(|p| !procs.iter().any(|q| q.pid == p.ppid))
     {
-        tree(&mut t, &procs, root, 0, &kids);
+        tree(&mut t, root, 0, &kids);
     }
     Ok((v, t))
 }

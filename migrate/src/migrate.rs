@@ -305,19 +305,41 @@ async fn hand_over(
                 taken.dir.clone(),
                 args.compress,
             );
-            tokio::task::spawn_blocking(move || -> Result<()> {
+            let sent = tokio::task::spawn_blocking(move || -> Result<()> {
                 let w = std::io::BufWriter::with_capacity(1 << 20, s);
                 let mut w = archive::write(&d, w, c, &mut |n| p.bytes(n))?;
                 w.flush()?;
                 Ok(())
             })
             .await
-            .map_err(|e| anyhow!("stream thread: {e}"))?
-            .context("stream the checkpoint to the destination")?;
+            .map_err(|e| anyhow!("stream thread: {e}"))?;
+            if let Err(e) = sent {
+                // The destination stopped reading: its reply says why.
+                if let Ok(Reply {
+                    error: Some(why), ..
+                }) = read_reply(sock, Some(Duration::from_secs(10))).await
+                {
+                    bail!("the destination could not restore: {why}");
+                }
+                return Err(e.context("stream the checkpoint to the destination"));
+            }
         }
     }
     progress.phase("restore on destination", 0);
+    let reply = read_reply(sock, None).await?;
+    if !reply.ok {
+        bail!(
+            "the destination could not restore: {}",
+            reply.error.clone().unwrap_or_default()
+        );
+    }
+    Ok(reply)
+}
+
+/// The destination's one reply line.
+async fn read_reply(sock: &TcpStream, timeout: Option<Duration>) -> Result<Reply> {
     let s = sock.try_clone()?;
+    s.set_read_timeout(timeout)?;
     let line = tokio::task::spawn_blocking(move || -> Result<String> {
         let mut line = String::new();
         BufReader::new(s)
@@ -330,15 +352,7 @@ async fn hand_over(
     if line.is_empty() {
         bail!("the destination closed the connection without a reply");
     }
-    let reply: Reply =
-        serde_json::from_str(&line).context("the destination's reply is not valid")?;
-    if !reply.ok {
-        bail!(
-            "the destination could not restore: {}",
-            reply.error.clone().unwrap_or_default()
-        );
-    }
-    Ok(reply)
+    serde_json::from_str(&line).context("the destination's reply is not valid")
 }
 
 fn copy_counting(
