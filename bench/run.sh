@@ -4,7 +4,7 @@
 # the test and bench images), runs the benchmark as root, writes bench/results/results.md,
 # results.json and chart.png.
 #
-#   usage: bench/run.sh [--quick] [--out DIR] [--only memory,lifecycle,checkpoint,restore,diff,cri]
+#   usage: bench/run.sh [--quick] [--out DIR] [--only memory,lifecycle,checkpoint,restore,diff,cri,migrate]
 #                       [--rounds N] [--ckpt-mib 16,256,1024] [--diff-mib N] [--diff-files 1,10000]
 #
 # --quick: fewer rounds and smaller sizes, a sanity check (about a minute); the full run takes a
@@ -12,7 +12,7 @@
 # protoc), gcc with a static libc, and python3 (matplotlib is installed from bench/requirements.txt
 # into target/bench-venv when python3 lacks it).
 # Environment: SHIM_BINARY (default target/release/containerd-shim-custom-v2, built here unless
-# set), BENCH_SKIP_BUILD=1 (use what is built), BENCH_VERBOSE=1 (each checkpoint's figures as they
+# set), MIGRATE_BINARY (default target/release/container-migrate, likewise), BENCH_SKIP_BUILD=1 (use what is built), BENCH_VERBOSE=1 (each checkpoint's figures as they
 # come), CARGO, CARGO_TARGET_DIR.
 set -euo pipefail
 
@@ -40,6 +40,10 @@ if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   if [ -z "${SHIM_BINARY:-}" ]; then
     echo "bench: building the release shim (LTO: minutes when it is out of date)"
     "$CARGO" build --release -p containerd-shim-custom-v2
+  fi
+  if [ -z "${MIGRATE_BINARY:-}" ]; then
+    echo "bench: building container-migrate (release)"
+    "$CARGO" build --release -p container-migrate
   fi
   echo "bench: building the bench binary"
   "$CARGO" build -p integration --bin bench
@@ -69,6 +73,7 @@ fi
 # --- run ----------------------------------------------------------------------------------------------
 status=0
 SHIM_BINARY="${SHIM_BINARY:-$target/release/containerd-shim-custom-v2}" \
+  MIGRATE_BINARY="${MIGRATE_BINARY:-$target/release/container-migrate}" \
   "$target/debug/bench" --out "$out" "$@" || status=$?
 if [ -f "$out/results.json" ] && [ -n "$python" ]; then
   "$python" bench/chart.py "$out/results.json" "$out/chart.png" || status=1

@@ -123,6 +123,19 @@ impl TwoHosts {
         }
     }
 
+    /// Imports the image tar `tar` (named `local` by the import) on A, pushes it to the registry
+    /// as `<registry>/<name>`, and pulls it on B too when `on_b`; returns the registry name.
+    pub fn publish(&self, tar: &Path, local: &str, name: &str, on_b: bool) -> String {
+        let remote = format!("{REGISTRY}/{name}");
+        self.a.ctr_ok(["images", "import", tar.to_str().expect("utf-8 path")]);
+        self.a.ctr_ok(["images", "tag", local, &remote]);
+        self.a.ctr_ok(["images", "push", "--plain-http", &remote]);
+        if on_b {
+            self.b.ctr_ok(["images", "pull", "--plain-http", &remote]);
+        }
+        remote
+    }
+
     pub fn registry(&self) -> &str {
         self.registry.addr()
     }

@@ -65,6 +65,8 @@ struct Reply {
     name: Option<String>,
     pid: u32,
     restore_ms: f64,
+    #[serde(default)]
+    start_ms: f64,
     started_at_ms: u64,
     first_byte_at_ms: u64,
     bytes: u64,
@@ -170,6 +172,7 @@ pub async fn migrate(
     v["total_ms"] = total_ms.into();
     v["bytes_moved"] = reply.bytes.into();
     v["restore_ms"] = reply.restore_ms.into();
+    v["criu_restore_ms"] = reply.start_ms.into();
     table.insert(0, ("path".into(), format!("{:?}", args.via).to_lowercase()));
     table.push((
         "restore on destination".into(),
@@ -462,6 +465,7 @@ async fn serve_one(
         name: Some(r.name),
         pid: r.pid,
         restore_ms: r.restore_ms,
+        start_ms: r.start_ms,
         started_at_ms: r.started_at_ms,
         first_byte_at_ms,
         bytes,

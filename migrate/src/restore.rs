@@ -45,6 +45,8 @@ pub struct Restored {
     pub name: String,
     pub pid: u32,
     pub restore_ms: f64,
+    /// Of it, the task's Start: CRIU's restore of the memory.
+    pub start_ms: f64,
     /// When the restored task was started (wall clock, ms).
     pub started_at_ms: u64,
     /// Its stdout and stderr.
@@ -211,8 +213,8 @@ pub async fn restore(
     )
     .await;
     cd.end_lease().await;
-    let pid = match made {
-        Ok(pid) => pid,
+    let (pid, start_ms) = match made {
+        Ok(x) => x,
         Err(e) => {
             let undo = undo(cd, &name, &snapshotter).await;
             if let Some(dir) = stdin.parent() {
@@ -230,6 +232,7 @@ pub async fn restore(
         name,
         pid,
         restore_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        start_ms,
         started_at_ms: wall_ms(),
         log,
     })
@@ -246,7 +249,7 @@ async fn create(
     runtime: &str,
     spec: serde_json::Value,
     (stdin, log): (&Path, &Path),
-) -> Result<u32> {
+) -> Result<(u32, f64)> {
     let mounts = cd.prepare_snapshot(snapshotter, name, chain).await?;
     let own = u.own.clone().unwrap_or_default();
     let options = (!own.runtime_options_type.is_empty()).then(|| Any {
@@ -289,9 +292,12 @@ async fn create(
     })
     .await
     .context("the shim could not create the task from the checkpoint")?;
-    cd.start(name)
+    let t = Instant::now();
+    let pid = cd
+        .start(name)
         .await
-        .context("the shim could not restore the processes")
+        .context("the shim could not restore the processes")?;
+    Ok((pid, t.elapsed().as_secs_f64() * 1000.0))
 }
 
 async fn undo(cd: &Cd, name: &str, snapshotter: &str) -> Result<()> {

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cri;
 pub mod measure;
+pub mod migrate;
 pub mod report;
 pub mod scenarios;
 pub mod stats;

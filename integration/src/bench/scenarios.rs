@@ -55,6 +55,10 @@ pub struct Config {
     pub sleep_us: u64,
     /// (MiB held in memory, rounds) of the CRI checkpoint and restore.
     pub cri: (u64, usize),
+    /// (MiB held in memory for each size, rounds) of the migration between two hosts.
+    pub migrate: (Vec<u64>, usize),
+    /// The bench image tar (`--image`).
+    pub image: PathBuf,
 }
 
 impl Config {
@@ -73,6 +77,8 @@ impl Config {
             diff_rounds: 2,
             sleep_us: 1000,
             cri: (256, 3),
+            migrate: (vec![256, 1024], 3),
+            image: PathBuf::new(),
         }
     }
 
@@ -91,6 +97,8 @@ impl Config {
             diff_rounds: 1,
             sleep_us: 1000,
             cri: (16, 1),
+            migrate: (vec![64], 1),
+            image: PathBuf::new(),
         }
     }
 }
@@ -1038,6 +1046,7 @@ impl<'a> Bench<'a> {
                 met: Some(c <= g),
             });
         }
+        t.append(&mut self.res.targets);
         self.res.targets = t;
     }
 

@@ -24,13 +24,14 @@ use std::time::Instant;
 use bench::scenarios::{Bench, Config};
 use integration::{workspace_root, Containerd};
 
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "memory",
     "lifecycle",
     "checkpoint",
     "restore",
     "diff",
     "cri",
+    "migrate",
 ];
 
 struct Args {
@@ -186,6 +187,7 @@ fn main() {
         Config::full()
     };
     cfg.apply_overrides(args.rounds, args.ckpt_mib, args.diff_mib, args.diff_files);
+    cfg.image = args.image.clone();
     let started = Instant::now();
     let load_before = loadavg();
     let date = version("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
@@ -219,6 +221,7 @@ fn main() {
             "checkpoint" => b.checkpoint(),
             "restore" => b.restore(),
             "cri" => b.cri(),
+            "migrate" => b.migrate(),
             _ => b.rootfs_diff(),
         };
         eprintln!("bench: {s} took {:.1} s", t.elapsed().as_secs_f64());
