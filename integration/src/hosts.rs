@@ -127,7 +127,8 @@ impl TwoHosts {
     /// as `<registry>/<name>`, and pulls it on B too when `on_b`; returns the registry name.
     pub fn publish(&self, tar: &Path, local: &str, name: &str, on_b: bool) -> String {
         let remote = format!("{REGISTRY}/{name}");
-        self.a.ctr_ok(["images", "import", tar.to_str().expect("utf-8 path")]);
+        self.a
+            .ctr_ok(["images", "import", tar.to_str().expect("utf-8 path")]);
         self.a.ctr_ok(["images", "tag", local, &remote]);
         self.a.ctr_ok(["images", "push", "--plain-http", &remote]);
         if on_b {

@@ -139,6 +139,8 @@ fn migrate_by(via: &str) {
     assert!(r["downtime_ms"].as_u64().unwrap() > 0, "{r}");
     assert!(r["bytes_moved"].as_u64().unwrap() > 0, "{r}");
     assert!(r["dump_ms"].as_f64().unwrap() > 0.0, "{r}");
+    // Straight across and live, the memory went to CRIU's page server on B during the dump.
+    assert_eq!(r["page_server"].is_string(), via == "stream", "{r}");
     assert_moved(&h, &id, &before, &vol_b);
 }
 

@@ -42,6 +42,9 @@ pub struct CheckpointOptions {
     pub work_path: String,
     #[prost(string, repeated, tag = "1001")]
     pub volumes: Vec<String>,
+    /// This shim's extension: `ADDRESS:PORT` of the CRIU page server the pages go to.
+    #[prost(string, tag = "1002")]
+    pub page_server: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,6 +56,8 @@ pub struct Want {
     pub ignore_volumes: bool,
     /// Destinations of the volumes to take; empty: every writable bind mount.
     pub volumes: Vec<String>,
+    /// Send the memory pages to this CRIU page server during the dump.
+    pub page_server: Option<String>,
 }
 
 /// A checkpoint arranged in the archive layout in `dir`.
@@ -175,6 +180,7 @@ pub async fn take(
         image_path: images.display().to_string(),
         work_path: dir.join("criu-work").display().to_string(),
         volumes: volumes.clone(),
+        page_server: want.page_server.clone().unwrap_or_default(),
         ..Default::default()
     };
     progress.phase("checkpoint", 0);

@@ -86,6 +86,7 @@ impl DumpArgs {
             ignore_rootfs: self.ignore_rootfs,
             ignore_volumes: self.ignore_volumes,
             volumes: self.volumes.clone(),
+            page_server: None,
         }
     }
 }
@@ -149,6 +150,10 @@ enum Cmd {
         /// The container's name on the destination (default: the same).
         #[arg(long)]
         name: Option<String>,
+        /// Straight across and live: send the memory after the dump, not to a CRIU page server
+        /// on the destination during it.
+        #[arg(long)]
+        no_page_server: bool,
         /// Mount the volume at DEST from PATH on the destination; repeatable.
         #[arg(long = "volume-map", value_name = "DEST=PATH", value_parser = parse_map)]
         volume_map: Vec<(String, PathBuf)>,
@@ -347,6 +352,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             compress,
             dump,
             name,
+            no_page_server,
             volume_map,
         } => {
             let mut cd = Cd::connect(&cli.address, &cli.namespace).await?;
@@ -361,6 +367,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 checkpoint: dump.want(),
                 name,
                 volume_map,
+                page_server: !no_page_server,
             };
             migrate::migrate(&mut cd, args, &work, progress).await
         }

@@ -56,6 +56,17 @@ struct Header {
     /// Bytes that follow (archive path); 0: a tar stream to its end.
     size: u64,
     source_host: String,
+    /// Stream path: start a CRIU page server and say where (a [`Ready`] line) before the
+    /// archive comes; the archive then holds no memory pages.
+    #[serde(default)]
+    page_server: bool,
+}
+
+/// The destination's answer to a header asking for a page server.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Ready {
+    page_server: Option<String>,
+    error: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -83,6 +94,9 @@ pub struct MigrateArgs {
     pub checkpoint: CheckpointWant,
     pub name: Option<String>,
     pub volume_map: Vec<(String, PathBuf)>,
+    /// Straight across and live: the memory goes to a CRIU page server on the destination
+    /// during the dump.
+    pub page_server: bool,
 }
 
 fn connect(to: &str) -> Result<TcpStream> {
@@ -173,11 +187,18 @@ pub async fn migrate(
     v["bytes_moved"] = reply.bytes.into();
     v["restore_ms"] = reply.restore_ms.into();
     v["criu_restore_ms"] = reply.start_ms.into();
+    v["page_server"] = taken.shim["page_server"].clone();
     table.insert(0, ("path".into(), format!("{:?}", args.via).to_lowercase()));
     table.push((
         "restore on destination".into(),
         format!("{:.1} ms", reply.restore_ms),
     ));
+    if let Some(ps) = taken.shim["page_server"].as_str() {
+        table.push((
+            "memory pages".into(),
+            format!("to CRIU's page server at {ps}, during the dump"),
+        ));
+    }
     table.push(("bytes moved".into(), human(reply.bytes)));
     table.push(("downtime".into(), format!("{downtime} ms")));
     table.push(("total".into(), format!("{total_ms:.0} ms")));
@@ -225,21 +246,26 @@ async fn move_it(
     mut sock: TcpStream,
     progress: &Progress,
 ) -> std::result::Result<(checkpoint::Taken, Reply), (anyhow::Error, bool)> {
-    let taken = checkpoint::take(cd, &args.id, want, work, progress)
+    let header = header_of(args);
+    // Live and straight across: the pages go to the destination during the dump. Not with
+    // `exit`: its source would keep no copy of the memory to restore from.
+    let use_ps = args.via == Via::Stream && args.page_server && !want.exit;
+    let mut want = want.clone();
+    if use_ps {
+        let ready = page_server_at(&mut sock, &header, progress)
+            .await
+            .map_err(|e| (e, false))?;
+        want.page_server = Some(ready);
+    }
+    let taken = checkpoint::take(cd, &args.id, &want, work, progress)
         .await
         .map_err(|e| (e, false))?;
-    let r = hand_over(cd, args, &taken, &mut sock, progress).await;
+    let r = hand_over(cd, args, header, use_ps, &taken, &mut sock, progress).await;
     r.map(|reply| (taken, reply)).map_err(|e| (e, true))
 }
 
-async fn hand_over(
-    cd: &mut Cd,
-    args: &MigrateArgs,
-    taken: &checkpoint::Taken,
-    sock: &mut TcpStream,
-    progress: &Progress,
-) -> Result<Reply> {
-    let mut header = Header {
+fn header_of(args: &MigrateArgs) -> Header {
+    Header {
         version: 1,
         via: args.via,
         name: args.name.clone(),
@@ -249,7 +275,60 @@ async fn hand_over(
         volume_map: args.volume_map.clone(),
         size: 0,
         source_host: checkpoint::hostname(),
-    };
+        page_server: false,
+    }
+}
+
+/// Sends the header asking for a page server; returns its `ADDRESS:PORT`.
+async fn page_server_at(
+    sock: &mut TcpStream,
+    header: &Header,
+    progress: &Progress,
+) -> Result<String> {
+    progress.phase("page server on the destination", 0);
+    let mut h = serde_json::to_value(header)?;
+    h["page_server"] = true.into();
+    send_line(sock, &h)?;
+    let s = sock.try_clone()?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let line = tokio::task::spawn_blocking(move || -> Result<String> {
+        let mut line = String::new();
+        // One byte at a time: what follows the line is not ours to buffer.
+        let mut b = [0u8; 1];
+        let mut s = s;
+        while s
+            .read(&mut b)
+            .context("read the destination's page server")?
+            == 1
+        {
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0] as char);
+        }
+        Ok(line)
+    })
+    .await
+    .map_err(|e| anyhow!("reply thread: {e}"))??;
+    sock.set_read_timeout(None)?;
+    let ready: Ready = serde_json::from_str(&line)
+        .with_context(|| format!("the destination's page server answer is not valid: {line:?}"))?;
+    match (ready.page_server, ready.error) {
+        (Some(addr), _) => Ok(addr),
+        (None, Some(e)) => bail!("the destination could not start a page server: {e}"),
+        (None, None) => bail!("the destination started no page server"),
+    }
+}
+
+async fn hand_over(
+    cd: &mut Cd,
+    args: &MigrateArgs,
+    mut header: Header,
+    header_sent: bool,
+    taken: &checkpoint::Taken,
+    sock: &mut TcpStream,
+    progress: &Progress,
+) -> Result<Reply> {
     match args.via {
         Via::Registry => {
             let reference = args
@@ -300,7 +379,9 @@ async fn hand_over(
             .map_err(|e| anyhow!("send thread: {e}"))??;
         }
         Via::Stream => {
-            send_line(sock, &header)?;
+            if !header_sent {
+                send_line(sock, &header)?;
+            }
             progress.phase("stream", archive::dir_bytes(&taken.dir));
             let (s, p, d, c) = (
                 sock.try_clone()?,
@@ -510,6 +591,35 @@ async fn receive_into(
             (restore::unpack_file(&file, dir, progress).await?, n)
         }
         Via::Stream => {
+            let pages = if header.page_server {
+                let mut answer = reader.get_ref().try_clone()?;
+                match PageServer::start(&dir.join(archive::CHECKPOINT_DIR), reader.get_ref(), work)
+                {
+                    Ok(ps) => {
+                        send_line(
+                            &mut answer,
+                            &Ready {
+                                page_server: Some(ps.addr.clone()),
+                                error: None,
+                            },
+                        )?;
+                        progress.note(&format!("CRIU page server on {}", ps.addr));
+                        Some(ps)
+                    }
+                    Err(e) => {
+                        let _ = send_line(
+                            &mut answer,
+                            &Ready {
+                                page_server: None,
+                                error: Some(format!("{e:#}")),
+                            },
+                        );
+                        return Err(e);
+                    }
+                }
+            } else {
+                None
+            };
             progress.phase("receive + unpack", 0);
             let (d, p) = (dir.to_path_buf(), progress.clone());
             let counted =
@@ -523,9 +633,34 @@ async fn receive_into(
                 })
                 .await
                 .map_err(|e| anyhow!("unpack thread: {e}"))??;
+            if let Some(ps) = pages {
+                let pages = ps.finish()?;
+                return finish_receive(
+                    cd,
+                    header,
+                    counted.0,
+                    counted.1 + pages,
+                    args,
+                    work,
+                    progress,
+                )
+                .await;
+            }
             counted
         }
     };
+    finish_receive(cd, header, unpacked, bytes, args, work, progress).await
+}
+
+async fn finish_receive(
+    cd: &mut Cd,
+    header: &Header,
+    unpacked: archive::Unpacked,
+    bytes: u64,
+    args: &ReceiveArgs,
+    work: &Path,
+    progress: &Progress,
+) -> Result<(restore::Restored, u64)> {
     let want = RestoreWant {
         name: header.name.clone(),
         ignore_volumes: header.ignore_volumes,
@@ -546,6 +681,100 @@ async fn receive_into(
     };
     let r = restore::restore(cd, &unpacked, &want, progress).await?;
     Ok((r, bytes))
+}
+
+/// `criu page-server` for one dump, writing the pages into a checkpoint directory.
+struct PageServer {
+    child: std::process::Child,
+    addr: String,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl PageServer {
+    /// Starts one on the address the source reached us at, on a free port, and waits until it
+    /// listens.
+    fn start(images: &Path, sock: &TcpStream, work: &Path) -> Result<PageServer> {
+        std::fs::create_dir_all(images)?;
+        let ip = sock.local_addr()?.ip();
+        let port = std::net::TcpListener::bind((ip, 0))?.local_addr()?.port();
+        let log = work.join("page-server.log");
+        let child = std::process::Command::new("criu")
+            .arg("page-server")
+            .arg("--images-dir")
+            .arg(images)
+            .args(["--address", &ip.to_string(), "--port", &port.to_string()])
+            .args(["-v4", "-o"])
+            .arg(&log)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("start `criu page-server`")?;
+        let mut ps = PageServer {
+            child,
+            addr: format!("{ip}:{port}"),
+            dir: images.to_path_buf(),
+            log,
+        };
+        let needle = format!(":{port:04X} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let listening = ["tcp", "tcp6"].iter().any(|t| {
+                std::fs::read_to_string(format!("/proc/{}/net/{t}", ps.child.id()))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.contains(&needle) && l.split_whitespace().nth(3) == Some("0A"))
+            });
+            if listening {
+                return Ok(ps);
+            }
+            if let Ok(Some(st)) = ps.child.try_wait() {
+                bail!("criu page-server exited ({st}): {}", ps.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("criu page-server did not listen on {} within 10 s", ps.addr);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Error"))
+            .last()
+            .unwrap_or("(no error in its log)")
+            .to_string()
+    }
+
+    /// Waits for the page server (it ends with the dump's connection); the bytes of pages it wrote.
+    fn finish(mut self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.child.try_wait()? {
+                Some(st) if st.success() => break,
+                Some(st) => bail!("criu page-server failed ({st}): {}", self.log_tail()),
+                None if Instant::now() > deadline => {
+                    bail!("criu page-server still runs a minute after the archive came")
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        Ok(std::fs::read_dir(&self.dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum())
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 struct Counting<R> {

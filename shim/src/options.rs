@@ -164,6 +164,10 @@ pub struct CheckpointOptions {
     /// destinations whose contents go into the checkpoint, or `*` for every
     /// writable bind mount of a directory.
     pub volumes: Vec<String>,
+    /// This shim's extension (field 1002): `ADDRESS:PORT` of a CRIU page
+    /// server that takes the memory pages during the dump (a migration
+    /// streams them to the destination while the container is frozen).
+    pub page_server: String,
     /// Whether the request carried options at all. containerd's CRI sends
     /// none for a runtime not named runc; `ctr` always sends them.
     pub given: bool,
@@ -184,6 +188,7 @@ impl Default for CheckpointOptions {
             image_path: String::new(),
             work_path: String::new(),
             volumes: Vec::new(),
+            page_server: String::new(),
             given: false,
         }
     }
@@ -199,6 +204,9 @@ impl CheckpointOptions {
                 let o = ProtoCheckpointOptions::parse_from_bytes(&any.value)
                     .map_err(Error::proto("decode containerd.runc.v1.CheckpointOptions"))?;
                 let volumes = extension_strings(&o, VOLUMES_FIELD)?;
+                let page_server = extension_strings(&o, PAGE_SERVER_FIELD)?
+                    .pop()
+                    .unwrap_or_default();
                 Ok(Self {
                     exit: o.exit,
                     open_tcp: o.open_tcp,
@@ -209,6 +217,7 @@ impl CheckpointOptions {
                     cgroups_mode: o.cgroups_mode,
                     image_path: o.image_path,
                     volumes,
+                    page_server,
                     work_path: o.work_path,
                     given: true,
                 })
@@ -222,6 +231,8 @@ impl CheckpointOptions {
 
 /// The field number of [`CheckpointOptions::volumes`] in `containerd.runc.v1.CheckpointOptions`.
 pub const VOLUMES_FIELD: u32 = 1001;
+/// The field number of [`CheckpointOptions::page_server`].
+pub const PAGE_SERVER_FIELD: u32 = 1002;
 
 /// The strings of an unknown (extension) field of `msg`.
 fn extension_strings(msg: &ProtoCheckpointOptions, field: u32) -> Result<Vec<String>> {

@@ -8,8 +8,9 @@
 //!
 //! Downtime is the time from the source's stop (our pause, or the start of ctr's checkpoint,
 //! which pauses) to the destination's task running; the base image is on B beforehand for both.
-//! "raw" is what CRIU itself takes in the move: the dump (the shim's record) plus the restore
-//! (the destination's Start).
+//! "raw" is what CRIU itself takes for the same workload: a local dump to disk (a live checkpoint
+//! of the container just before the move, the shim's record) plus the restore in the move (the
+//! destination's Start).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -50,7 +51,7 @@ impl Bench<'_> {
                 &format!("mig_raw_{mib}"),
                 g,
                 "migration (ms)",
-                &what("raw CRIU dump + restore in the move"),
+                &what("raw CRIU dump (local disk) + restore"),
                 "ms",
                 false,
             );
@@ -62,7 +63,10 @@ impl Bench<'_> {
                 log(format!("migrate {mib} MiB, round {}/{rounds}", round + 1));
                 for rt in order(round) {
                     check_interrupted()?;
-                    let id = format!("mig-{}-{mib}-{round}", if rt == Runtime::Custom { "cu" } else { "go" });
+                    let id = format!(
+                        "mig-{}-{mib}-{round}",
+                        if rt == Runtime::Custom { "cu" } else { "go" }
+                    );
                     run_workload(&h, rt, &image, &id, mib)?;
                     let (down, total, raw) = match rt {
                         Runtime::Custom => move_ours(&h, &id)?,
@@ -75,7 +79,9 @@ impl Bench<'_> {
                     }
                     h.b.ctr(["tasks", "kill", "-s", "KILL", &id]);
                     poll("the moved task gone", T, || {
-                        h.b.task(&id).is_none_or(|t| t.status == "STOPPED").then_some(())
+                        h.b.task(&id)
+                            .is_none_or(|t| t.status == "STOPPED")
+                            .then_some(())
                     })?;
                     h.b.ctr(["tasks", "delete", &id]);
                     h.b.ctr(["containers", "delete", &id]);
@@ -109,7 +115,14 @@ impl Bench<'_> {
 /// Runs the workload holding `mib` MiB on A and waits until it touched it all.
 fn run_workload(h: &TwoHosts, rt: Runtime, image: &str, id: &str, mib: u64) -> Result<(), String> {
     let out = h.a.ctr([
-        "run", "-d", "--runtime", rt.name(), image, id, "workload", &mib.to_string(),
+        "run",
+        "-d",
+        "--runtime",
+        rt.name(),
+        image,
+        id,
+        "workload",
+        &mib.to_string(),
     ]);
     if !out.status.success() {
         return Err(format!("ctr run {id}: {}", integration::show(&out)));
@@ -119,7 +132,42 @@ fn run_workload(h: &TwoHosts, rt: Runtime, image: &str, id: &str, mib: u64) -> R
     })
 }
 
+/// The CRIU dump of `id` to local disk, in ms (a live checkpoint, the shim's record).
+fn local_dump_ms(h: &TwoHosts, id: &str) -> Result<f64, String> {
+    let file = h.dir().join(format!("{id}-local.tar"));
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "--json",
+            "checkpoint",
+            id,
+            "--compress",
+            "none",
+            "--export",
+            file.to_str().unwrap_or(""),
+        ],
+    );
+    let _ = std::fs::remove_file(&file);
+    if !out.status.success() {
+        return Err(format!(
+            "local checkpoint {id}: {}",
+            integration::show(&out)
+        ));
+    }
+    result_line(&out.stdout)
+        .and_then(|r| r["dump_ms"].as_f64())
+        .ok_or_else(|| format!("local checkpoint {id}: no dump_ms"))
+}
+
+fn result_line(stdout: &[u8]) -> Option<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+}
+
 fn move_ours(h: &TwoHosts, id: &str) -> Result<(f64, f64, Option<f64>), String> {
+    let dump = local_dump_ms(h, id)?;
     let receiver = h.receiver(&[]);
     let target = format!("tcp://{B_ADDR}:{RECEIVE_PORT}");
     let out = h.run_cli(&h.a, &["--json", "migrate", id, "--to", &target]);
@@ -131,13 +179,13 @@ fn move_ours(h: &TwoHosts, id: &str) -> Result<(f64, f64, Option<f64>), String> 
             integration::show(&done)
         ));
     }
-    let r = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "result")
-        .ok_or_else(|| format!("migrate {id}: no result line"))?;
+    let r = result_line(&out.stdout).ok_or_else(|| format!("migrate {id}: no result line"))?;
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    Ok((f("downtime_ms"), f("total_ms"), Some(f("dump_ms") + f("criu_restore_ms"))))
+    Ok((
+        f("downtime_ms"),
+        f("total_ms"),
+        Some(dump + f("criu_restore_ms")),
+    ))
 }
 
 fn ctr_in(h: &TwoHosts, on_b: bool, args: &[&str]) -> Result<Duration, String> {
@@ -151,13 +199,21 @@ fn ctr_in(h: &TwoHosts, on_b: bool, args: &[&str]) -> Result<Duration, String> {
 fn move_by_hand(h: &TwoHosts, id: &str, round: usize) -> Result<(f64, f64, Option<f64>), String> {
     let reference = format!("{}/ctr-checkpoint-{id}:{round}", h.registry());
     let t = Instant::now();
-    ctr_in(h, false, &["containers", "checkpoint", "--task", "--rw", id, &reference])?;
+    ctr_in(
+        h,
+        false,
+        &["containers", "checkpoint", "--task", "--rw", id, &reference],
+    )?;
     // The source must not run on: it stops where the checkpoint was taken.
     h.a.ctr(["tasks", "kill", "-s", "KILL", id]);
     let stopped = t.elapsed();
     ctr_in(h, false, &["images", "push", "--plain-http", &reference])?;
     ctr_in(h, true, &["images", "pull", "--plain-http", &reference])?;
-    ctr_in(h, true, &["containers", "restore", "--live", "--rw", id, &reference])?;
+    ctr_in(
+        h,
+        true,
+        &["containers", "restore", "--live", "--rw", id, &reference],
+    )?;
     let total = t.elapsed();
     let _ = stopped;
     h.a.ctr(["tasks", "delete", "-f", id]);

@@ -137,6 +137,8 @@ struct Metadata {
     criu_version: Option<String>,
     container_id: String,
     leave_running: bool,
+    /// Where the memory pages went, when not into this directory.
+    page_server: Option<String>,
     frozen_by_shim: bool,
     /// Who captured the rootfs changes (containerd's CRI keeps its own copy
     /// outside this directory).
@@ -337,6 +339,7 @@ async fn bracket(
         criu_version: None,
         container_id: t.id.to_string(),
         leave_running: !opts.exit,
+        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
         frozen_by_shim: freeze,
         rootfs_diff_by: files,
         rootfs_diff_skipped: skipped,
@@ -365,6 +368,7 @@ async fn bracket(
         file_locks: opts.file_locks,
         empty_ns: opts.empty_namespaces.clone(),
         manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
     };
     if let Err(e) = t.runc.checkpoint(t.id, &criu).await {
         // runc and CRIU are gone (finished or killed): the guard thaws.

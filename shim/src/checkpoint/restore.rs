@@ -155,6 +155,7 @@ impl RestoreSource {
             file_locks: self.flags.file_locks,
             empty_ns: Vec::new(),
             manage_cgroups_mode: None,
+            page_server: None,
         }
     }
 

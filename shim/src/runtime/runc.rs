@@ -59,6 +59,8 @@ pub struct CheckpointOpts {
     pub file_locks: bool,
     pub empty_ns: Vec<String>,
     pub manage_cgroups_mode: Option<String>,
+    /// `ADDRESS:PORT` of a CRIU page server the memory pages go to (dump only).
+    pub page_server: Option<String>,
 }
 
 #[derive(Default, Debug)]
@@ -232,6 +234,10 @@ impl Runc {
         args.extend(criu_args(opts));
         if opts.leave_running {
             args.push("--leave-running".into());
+        }
+        if let Some(ps) = &opts.page_server {
+            args.push("--page-server".into());
+            args.push(ps.clone());
         }
         args.push(id.into());
         self.run_bounded(args, None, Some(self.criu_timeout), None)
