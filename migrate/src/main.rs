@@ -9,6 +9,7 @@ mod image;
 mod inspect;
 mod migrate;
 mod progress;
+mod receive;
 mod restore;
 
 use std::path::PathBuf;
@@ -377,13 +378,13 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             log_dir,
         } => {
             let mut cd = Cd::connect(&cli.address, &cli.namespace).await?;
-            let args = migrate::ReceiveArgs {
+            let args = receive::ReceiveArgs {
                 listen,
                 once,
                 plain_http: cli.plain_http,
                 log_dir,
             };
-            migrate::receive(&mut cd, args, &work, progress).await
+            receive::receive(&mut cd, args, &work, progress).await
         }
     }
 }
