@@ -154,7 +154,7 @@ move() { # FROM TO VIA [args...]
   local to_addr=$NET.1; [ "$to" = b ] && to_addr=$NET.2
   step "move A/B: $from → $to via $via"
   local before; before=$(counter "$from")
-  cm_on "$to" receive --once --listen "$to_addr:7070" >"$dir/receive.log" 2>&1 &
+  cm_on "$to" receive --once --listen "$to_addr:7070" --allow-bind "$dir" --allow-host-network >"$dir/receive.log" 2>&1 &
   local rpid=$!
   until nsenter --net="/run/netns/$tag-$to" ss -ltn | grep -q ":7070 "; do sleep 0.05; done
   local out

@@ -174,12 +174,14 @@ impl TwoHosts {
         run_with_timeout(&mut c, None, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Starts `container-migrate receive --once` on B, listening on B's address; waits until
-    /// it listens.
+    /// Starts `container-migrate receive --once` on B, listening on B's address, the harness's
+    /// dir allowed for bind mounts (`--allow-bind`); waits until it listens.
     pub fn receiver(&self, extra: &[&str]) -> crate::Spawned {
         let mut c = self.cli(&self.b);
         c.args(["receive", "--once", "--listen"])
             .arg(format!("{B_ADDR}:{RECEIVE_PORT}"))
+            .arg("--allow-bind")
+            .arg(&self.dir)
             .args(extra);
         let spawned = crate::Spawned::spawn(&mut c, false);
         // Listening, seen from B's own socket table (a probe connection would be taken for a

@@ -202,7 +202,19 @@ fn destination_without_the_base_image_leaves_the_source_running_or_restorable() 
     let before = counter(&h.a, "exits");
     assert!(before.is_none() || h.a.task("exits").unwrap().status != "RUNNING");
     // Restorable on A, under another name, the memory intact.
-    let out = h.run_cli(&h.a, &["restore", "--dir", &kept, "--name", "exits-again"]);
+    let allow = h.dir().display().to_string();
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "restore",
+            "--dir",
+            &kept,
+            "--name",
+            "exits-again",
+            "--allow-bind",
+            &allow,
+        ],
+    );
     assert!(out.status.success(), "restore --dir: {}", show(&out));
     wait_counter(&h.a, "exits-again", 1);
 }
@@ -267,6 +279,102 @@ fn bad_archives_are_refused_with_nothing_created() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("99.0.0") && e.contains("newer"), "{e}");
     assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+}
+
+/// What of a checkpoint's spec would act on the destination host outside the container is
+/// refused unless its operator allows it: OCI hooks (runc runs them on the host), bind mounts of
+/// host paths it did not allow, and a source's volume map pointing anywhere else. Nothing is
+/// created.
+#[test]
+fn a_hostile_spec_cannot_reach_the_destination_host() {
+    let h = TwoHosts::start();
+    run_on_a(&h, "src", &h.image, &h.dir().join("vol"));
+    let file = h.dir().join("src.tar");
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "checkpoint",
+            "src",
+            "--export",
+            file.to_str().unwrap(),
+            "--compress",
+            "none",
+        ],
+    );
+    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    let unpack = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        let dir = h.dir().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new("tar")
+            .args(["-xf", file.to_str().unwrap(), "-C", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tar: {}", show(&out));
+        let p = dir.join("spec.dump");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        edit(&mut spec);
+        std::fs::write(&p, spec.to_string()).unwrap();
+        dir.display().to_string()
+    };
+    let allow = h.dir().display().to_string();
+    let refused = |dir: &str, extra: &[&str], why: &str| {
+        let mut args = vec![
+            "restore",
+            "--dir",
+            dir,
+            "--name",
+            "hostile",
+            "--allow-bind",
+            &allow,
+        ];
+        args.extend_from_slice(extra);
+        let out = h.run_cli(&h.b, &args);
+        assert!(!out.status.success(), "restored: {}", show(&out));
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(e.contains(why), "{e}");
+        assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+    };
+    let hooks = unpack("hooks", &|s| {
+        s["hooks"] = serde_json::json!({"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", "touch /tmp/pwned"]}]});
+    });
+    refused(&hooks, &[], "OCI hooks");
+    let etc = unpack("etc", &|s| {
+        s["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+            {"destination": "/host-etc", "type": "bind", "source": "/etc", "options": ["rbind", "rw"]}
+        ));
+    });
+    refused(&etc, &[], "\"/etc\"");
+    let dots = unpack("dots", &|s| {
+        s["mounts"].as_array_mut().unwrap().push(serde_json::json!(
+            {"destination": "/up", "type": "bind", "source": format!("{allow}/../../etc"), "options": ["rbind"]}
+        ));
+    });
+    refused(&dots, &[], "/up");
+
+    // Over the network: a volume map outside what the receiver allows.
+    let receiver = h.receiver(&[]);
+    let target = to();
+    let out = h.run_cli(
+        &h.a,
+        &[
+            "migrate",
+            "src",
+            "--to",
+            &target,
+            "--volume-map",
+            "/data=/etc",
+        ],
+    );
+    assert!(!out.status.success(), "migrate: {}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--allow-bind"),
+        "{}",
+        show(&out)
+    );
+    assert!(!receiver.wait(T).status.success());
+    assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
+    assert_eq!(h.a.task("src").unwrap().status, "RUNNING");
 }
 
 /// Our archives are the ecosystem's: checkpointctl reads them (show, and inspect with the
@@ -381,7 +489,8 @@ fn established_tcp_connection_moves_with_the_container() {
     let mut client = integration::Spawned::spawn(&mut client, false);
     let n = poll("the server receiving", T, || got(&h.a).filter(|n| *n > 5));
 
-    let receiver = h.receiver(&[]);
+    // The server shares host A's network: B's receiver must allow that.
+    let receiver = h.receiver(&["--allow-host-network"]);
     let target = to();
     let out = h.run_cli(
         &h.a,
@@ -505,7 +614,9 @@ fn the_caller_chooses_what_goes_into_the_checkpoint() {
     );
     assert_eq!(h.a.task("pick").unwrap().status, "RUNNING");
 
-    // Restored on B without its files: the memory is back, the rootfs is the image's.
+    // Restored on B without its files: the memory is back, the rootfs is the image's. Its bind
+    // mounts are the harness's dirs, which B's operator allows.
+    let allow = h.dir().display().to_string();
     let out = h.run_cli(
         &h.b,
         &[
@@ -514,6 +625,8 @@ fn the_caller_chooses_what_goes_into_the_checkpoint() {
             bare.to_str().unwrap(),
             "--name",
             "pick-bare",
+            "--allow-bind",
+            &allow,
         ],
     );
     assert!(out.status.success(), "restore: {}", show(&out));

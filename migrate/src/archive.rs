@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -297,6 +298,18 @@ pub fn decompress<'a, R: Read + 'a>(input: R) -> Result<Box<dyn Read + 'a>> {
     }
 }
 
+/// Entries an archive may have (CRIU writes a few files per process).
+const MAX_ENTRIES: usize = 1_000_000;
+
+/// Directories only root reads: they hold a process's memory.
+fn create_private_dirs(p: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("create {}", p.display()))
+}
+
 /// A relative name with no `..`, no root and no empty parts.
 fn safe_name(name: &Path) -> Result<PathBuf> {
     let mut out = PathBuf::new();
@@ -325,10 +338,17 @@ pub fn extract<R: Read>(
     let mut seen: BTreeMap<String, FileSum> = BTreeMap::new();
     let mut index: Option<Index> = None;
     let mut done = 0u64;
+    let mut entries_seen = 0usize;
     let entries = tar.entries().context("read the archive")?;
     for entry in entries {
         let mut entry = entry.context("read the archive (corrupt or truncated)")?;
-        let raw = entry.path().context("entry name")?.into_owned();
+        entries_seen += 1;
+        if entries_seen > MAX_ENTRIES {
+            bail!("the archive has more than {MAX_ENTRIES} entries");
+        }
+        let raw = std::str::from_utf8(&entry.path_bytes())
+            .map(PathBuf::from)
+            .map_err(|_| anyhow!("an entry name is not UTF-8"))?;
         let rel = safe_name(&raw)?;
         let key = rel.to_string_lossy().into_owned();
         if index.is_some() {
@@ -338,8 +358,7 @@ pub fn extract<R: Read>(
         let target = dest.join(&rel);
         match kind {
             tar::EntryType::Directory => {
-                fs::create_dir_all(&target)
-                    .with_context(|| format!("create {}", target.display()))?;
+                create_private_dirs(&target)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if key == INDEX {
@@ -352,13 +371,13 @@ pub fn extract<R: Read>(
                     continue;
                 }
                 if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent)
-                        .with_context(|| format!("create {}", parent.display()))?;
+                    create_private_dirs(parent)?;
                 }
                 // create_new: an entry never replaces another (nor follows anything).
                 let mut out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(&target)
                     .with_context(|| {
                         format!("create {} (twice in the archive?)", target.display())
@@ -461,6 +480,13 @@ pub fn check(dir: &Path) -> Result<Unpacked> {
                 o.format,
                 env!("CARGO_PKG_VERSION")
             );
+        }
+    }
+    // Files the shim would take from `checkpoint/` itself (its own layout) are not where this
+    // layout puts them: an archive with them there would escape --ignore-rootfs/--ignore-volumes.
+    for f in [ROOTFS_DIFF, DELETED_FILES, VOLUMES] {
+        if fs::symlink_metadata(dir.join(CHECKPOINT_DIR).join(f)).is_ok() {
+            bail!("the archive has {CHECKPOINT_DIR}/{f}: not where this layout puts it");
         }
     }
     if !dir.join(CHECKPOINT_DIR).join("inventory.img").is_file() {

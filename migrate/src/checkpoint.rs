@@ -140,7 +140,14 @@ fn move_up(images: &Path, dir: &Path, name: &str, keep: bool) -> Result<()> {
 
 /// A fresh work directory under `root` for container `id`.
 pub fn work_dir(root: &Path, id: &str) -> Result<PathBuf> {
-    fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // Checkpoints hold processes' memory: only root reads them.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("create {}", root.display()))?;
+    let _ = fs::set_permissions(root, fs::Permissions::from_mode(0o700));
     let dir = root.join(format!(
         "{id}-{}-{}",
         std::process::id(),

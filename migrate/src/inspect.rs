@@ -194,8 +194,9 @@ pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)
                 if p.threads == 1 { "" } else { "s" }
             ),
         ));
+        // A hostile pstree can make cycles: depth and rows are bounded.
         for c in by_parent(p.pid) {
-            if depth < 64 {
+            if depth < 64 && t.len() < 10_000 && c.pid != p.pid {
                 tree(t, c, depth + 1, by_parent);
             }
         }

@@ -11,6 +11,7 @@ mod migrate;
 mod progress;
 mod receive;
 mod restore;
+mod trust;
 
 use std::path::PathBuf;
 
@@ -170,6 +171,9 @@ enum Cmd {
         /// Directory for the restored containers' stdout and stderr.
         #[arg(long)]
         log_dir: Option<PathBuf>,
+        /// Also what a source's --volume-map may point at: only under these directories.
+        #[command(flatten)]
+        trust: TrustArgs,
     },
 }
 
@@ -191,6 +195,39 @@ struct TargetArgs {
     /// File for the task's stdout and stderr.
     #[arg(long)]
     log: Option<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
+}
+
+/// What of a checkpoint's spec may act on this host outside the container, allowed by the
+/// operator (an archive is input from outside: by default none of it).
+#[derive(Args, Clone, Default)]
+struct TrustArgs {
+    /// Run the OCI hooks the checkpoint's spec asks for (runc runs them on this host).
+    #[arg(long)]
+    allow_hooks: bool,
+    /// Let the restored container bind-mount host paths under DIR (volumes mapped with
+    /// --volume are always allowed); repeatable.
+    #[arg(long, value_name = "DIR")]
+    allow_bind: Vec<PathBuf>,
+    /// Let the restored container share this host's network namespace.
+    #[arg(long)]
+    allow_host_network: bool,
+    /// Take the checkpoint's spec as it is: its hooks, mounts, namespaces, capabilities and
+    /// devices.
+    #[arg(long)]
+    trust_spec: bool,
+}
+
+impl TrustArgs {
+    fn trust(&self) -> trust::Trust {
+        trust::Trust {
+            all: self.trust_spec,
+            hooks: self.allow_hooks,
+            host_network: self.allow_host_network,
+            binds: self.allow_bind.clone(),
+        }
+    }
 }
 
 fn parse_map(s: &str) -> Result<(String, PathBuf)> {
@@ -277,6 +314,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 plain_http: cli.plain_http,
                 log: target.log,
                 io_root: work.join("io"),
+                trust: target.trust.trust(),
             };
             let (unpacked, tmp) = match (import, image, dir) {
                 (_, _, Some(d)) => (archive::check(&d)?, None),
@@ -376,6 +414,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             listen,
             once,
             log_dir,
+            trust,
         } => {
             let mut cd = Cd::connect(&cli.address, &cli.namespace).await?;
             let args = receive::ReceiveArgs {
@@ -383,6 +422,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 once,
                 plain_http: cli.plain_http,
                 log_dir,
+                trust: trust.trust(),
             };
             receive::receive(&mut cd, args, &work, progress).await
         }

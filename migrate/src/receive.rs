@@ -22,6 +22,9 @@ pub struct ReceiveArgs {
     pub once: bool,
     pub plain_http: bool,
     pub log_dir: Option<PathBuf>,
+    /// What of an archive's spec may act on this host; its `binds` are also where a source's
+    /// volume map may point.
+    pub trust: crate::trust::Trust,
 }
 
 /// Serves migrations into `cd`, one at a time.
@@ -75,10 +78,17 @@ async fn serve_one(
     let s = sock.try_clone()?;
     let (header, reader) =
         tokio::task::spawn_blocking(move || -> Result<(Header, BufReader<TcpStream>)> {
+            // A peer that says nothing for ten minutes is gone.
+            s.set_read_timeout(Some(Duration::from_secs(600)))?;
             let mut r = BufReader::with_capacity(1 << 20, s);
             let mut line = String::new();
-            r.read_line(&mut line)
+            (&mut r)
+                .take(1 << 20)
+                .read_line(&mut line)
                 .context("read the migration header")?;
+            if !line.ends_with('\n') {
+                bail!("the migration header is not one line of at most 1 MiB");
+            }
             let h: Header =
                 serde_json::from_str(&line).context("the migration header is not valid")?;
             if h.version != 1 {
@@ -128,7 +138,7 @@ async fn receive_into(
                 .ok_or_else(|| anyhow!("the header names no image"))?;
             progress.phase("pull", 0);
             let p = progress.clone();
-            let plain = header.plain_http || args.plain_http;
+            let plain = args.plain_http;
             image::fetch(cd, &reference, plain, dir, &mut move |n| p.bytes(n)).await?;
             (archive::check(dir)?, archive::dir_bytes(dir))
         }
@@ -219,11 +229,21 @@ async fn finish_receive(
     work: &Path,
     progress: &Progress,
 ) -> Result<(restore::Restored, u64)> {
+    // The volume map comes from the network: it may only point where this receiver allows.
+    for (dest, path) in &header.volume_map {
+        if !crate::trust::under(path, &args.trust.binds) {
+            bail!(
+                "the source maps volume {dest} to {} on this host, which is under no --allow-bind directory of this receiver",
+                path.display()
+            );
+        }
+    }
     let want = RestoreWant {
         name: header.name.clone(),
+        trust: args.trust.clone(),
         ignore_volumes: header.ignore_volumes,
         volume_map: header.volume_map.clone(),
-        plain_http: header.plain_http || args.plain_http,
+        plain_http: args.plain_http,
         log: args.log_dir.as_ref().map(|d| {
             d.join(format!(
                 "{}.log",

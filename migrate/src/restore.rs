@@ -3,7 +3,6 @@
 //! with its labels, and a task created from the images (files at Create,
 //! memory at Start, both by the shim). Any failure removes what was made.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,6 +15,7 @@ use crate::archive::{self, Unpacked};
 use crate::client::Cd;
 use crate::image;
 use crate::progress::{wall_ms, Progress};
+use crate::trust::{self, Trust};
 
 pub const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 
@@ -39,6 +39,8 @@ pub struct Want {
     pub log: Option<PathBuf>,
     /// Where restored tasks get their stdin fifo (and default log).
     pub io_root: PathBuf,
+    /// What of the archive's spec may act on this host (see `trust`).
+    pub trust: Trust,
 }
 
 pub struct Restored {
@@ -60,12 +62,7 @@ fn name_of(u: &Unpacked, want: &Want) -> Result<String> {
         .or_else(|| u.own.as_ref().map(|o| o.id.clone()))
         .or_else(|| u.config["name"].as_str().map(String::from))
         .ok_or_else(|| anyhow!("the archive names no container: say --name"))?;
-    let ok = !name.is_empty()
-        && name.len() <= 76
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !ok {
+    if !trust::is_identifier(&name) {
         bail!("{name:?} is not a container name containerd takes");
     }
     Ok(name)
@@ -79,29 +76,7 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
             m.remove(a);
         }
     }
-    let old = u.own.as_ref().map(|o| o.id.as_str()).unwrap_or_default();
-    let cg = spec["linux"]["cgroupsPath"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let src_ns = u
-        .own
-        .as_ref()
-        .map(|o| o.namespace.as_str())
-        .unwrap_or_default();
-    let cg = if cg.is_empty() || cg == format!("/{src_ns}/{old}") {
-        // ctr's and containerd's default: /<namespace>/<id>, here's namespace.
-        format!("/{ns}/{name}")
-    } else if cg.contains(':') {
-        // systemd's "slice:prefix:name": kept.
-        cg
-    } else {
-        match cg.strip_suffix(old).filter(|_| !old.is_empty()) {
-            Some(prefix) => format!("{prefix}{name}"),
-            None => format!("/{ns}/{name}"),
-        }
-    };
-    spec["linux"]["cgroupsPath"] = cg.into();
+    trust::sanitize_spec(&mut spec, ns, name);
     for (dest, src) in &want.volume_map {
         let mut found = false;
         for m in spec["mounts"].as_array_mut().into_iter().flatten() {
@@ -125,26 +100,25 @@ fn new_spec(u: &Unpacked, name: &str, ns: &str, want: &Want) -> Result<serde_jso
     Ok(spec)
 }
 
-/// Task options: the container's runc options with `criu_image_path` set
-/// (appended: in protobuf the last value of a field wins).
-fn task_options(u: &Unpacked, images: &Path) -> Any {
-    let extra = CriuImagePath {
-        criu_image_path: images.display().to_string(),
-    }
-    .encode_to_vec();
-    match &u.own {
-        Some(o) if o.runtime_options_type.ends_with(RUNC_OPTIONS) => {
-            let mut value = o.runtime_options.clone();
-            value.extend_from_slice(&extra);
-            Any {
-                type_url: o.runtime_options_type.clone(),
-                value,
-            }
+/// Refuses what of `spec` would act on this host outside the container (`trust`).
+pub fn guard(spec: &serde_json::Value, want: &Want) -> Result<()> {
+    let mapped: Vec<PathBuf> = want
+        .volume_map
+        .iter()
+        .filter_map(|(_, p)| trust::plain_abs(p))
+        .collect();
+    trust::check_spec(spec, &want.trust, &mapped)
+}
+
+/// Task options: `criu_image_path` only (the archive's runtime options are not taken: a
+/// `BinaryName` there would be run as runc).
+fn task_options(images: &Path) -> Any {
+    Any {
+        type_url: RUNC_OPTIONS.into(),
+        value: CriuImagePath {
+            criu_image_path: images.display().to_string(),
         }
-        _ => Any {
-            type_url: RUNC_OPTIONS.into(),
-            value: extra,
-        },
+        .encode_to_vec(),
     }
 }
 
@@ -185,7 +159,10 @@ pub async fn restore(
                 .filter(|r| !r.is_empty())
         })
         .unwrap_or_else(|| "io.containerd.custom.v2".into());
+    trust::plain_name("runtime", &runtime)?;
+    trust::plain_name("snapshotter", &snapshotter)?;
     let spec = new_spec(u, &name, cd.namespace(), want)?;
+    guard(&spec, want)?;
     progress.phase("base image", 0);
     let chain = image::ensure_base(cd, &base, &snapshotter, want.plain_http).await?;
     if want.ignore_rootfs {
@@ -252,23 +229,15 @@ async fn create(
 ) -> Result<(u32, f64)> {
     let mounts = cd.prepare_snapshot(snapshotter, name, chain).await?;
     let own = u.own.clone().unwrap_or_default();
-    let options = (!own.runtime_options_type.is_empty()).then(|| Any {
-        type_url: own.runtime_options_type.clone(),
-        value: own.runtime_options.clone(),
-    });
-    let spec_type = if own.spec_type_url.is_empty() {
-        "types.containerd.io/opencontainers/runtime-spec/1/Spec".to_string()
-    } else {
-        own.spec_type_url.clone()
-    };
-    let labels: HashMap<String, String> = own.labels.clone().into_iter().collect();
+    let spec_type = "types.containerd.io/opencontainers/runtime-spec/1/Spec".to_string();
+    let labels = trust::labels(&own.labels);
     cd.create_container(Container {
         id: name.to_string(),
         labels,
         image: base.to_string(),
         runtime: Some(Runtime {
             name: runtime.to_string(),
-            options,
+            options: None,
         }),
         spec: Some(Any {
             type_url: spec_type,
@@ -287,7 +256,7 @@ async fn create(
         stdin: stdin.display().to_string(),
         stdout: log.clone(),
         stderr: log,
-        options: Some(task_options(u, &images)),
+        options: Some(task_options(&images)),
         ..Default::default()
     })
     .await

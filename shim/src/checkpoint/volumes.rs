@@ -197,16 +197,12 @@ pub fn apply(dir: &Path, bundle: &Path) -> Result<DiffStats> {
     }
     for (e, b) in plan {
         let what = format!("volume {} into {}", e.destination, b.source.display());
-        let stats =
-            rootfs_diff::apply(&dir.join(DIR).join(&e.dir), &b.source).map_err(
-                |err| match err {
-                    Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
-                    Error::FailedPrecondition(m) => {
-                        Error::FailedPrecondition(format!("{what}: {m}"))
-                    }
-                    other => other,
-                },
-            )?;
+        let stats = rootfs_diff::apply_to_host_dir(&dir.join(DIR).join(&e.dir), &b.source)
+            .map_err(|err| match err {
+                Error::InvalidArgument(m) => Error::InvalidArgument(format!("{what}: {m}")),
+                Error::FailedPrecondition(m) => Error::FailedPrecondition(format!("{what}: {m}")),
+                other => other,
+            })?;
         total.bytes += stats.bytes;
         total.entries += stats.entries;
         total.deleted += stats.deleted;

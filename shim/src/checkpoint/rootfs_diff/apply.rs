@@ -251,6 +251,18 @@ fn read_deleted_files(path: &Path) -> Result<Option<Vec<u8>>> {
 /// Applies a checkpoint's `deleted.files` then `rootfs-diff.tar` (either may
 /// be missing: a checkpoint of the Go shim has neither) to `rootfs`.
 pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
+    apply_to(dir, rootfs, false)
+}
+
+/// [`apply`] into a directory of the host (a volume's bind-mount source):
+/// no setuid, setgid or sticky bits, and no `security.*` or `trusted.*`
+/// xattrs (file capabilities among them) come from the archive.
+pub fn apply_to_host_dir(dir: &Path, target: &Path) -> Result<DiffStats> {
+    apply_to(dir, target, true)
+}
+
+fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
+    let mask = if host { 0o777 } else { 0o7777 };
     let root = Root::open(rootfs)?;
     let mut stats = DiffStats::default();
     let del_path = dir.join(DELETED_FILES);
@@ -319,7 +331,13 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                 kind_in_words(kind)
             )));
         }
-        let xattrs = xattrs_of(&mut entry, &rel)?;
+        let mut xattrs = xattrs_of(&mut entry, &rel)?;
+        if host {
+            xattrs.retain(|(k, _)| {
+                let k = k.as_bytes();
+                !k.starts_with(b"security.") && !k.starts_with(b"trusted.")
+            });
+        }
         let parent = root
             .parent(&rel, Missing::Create)?
             .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?;
@@ -351,13 +369,13 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
                     len
                 };
                 stats.bytes += bytes;
-                finish_fd(f.as_fd(), &header, &xattrs, &rel)?;
+                finish_fd(f.as_fd(), &header, &xattrs, &rel, mask)?;
             }
             EntryType::Fifo => {
                 fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
                 fsat::mkfifo_at(pfd, &cname).map_err(io_err("mkfifo"))?;
                 let fd = fsat::open_nofollow(pfd, &cname).map_err(io_err("open"))?;
-                finish_fd(fd.as_fd(), &header, &xattrs, &rel)?;
+                finish_fd(fd.as_fd(), &header, &xattrs, &rel, mask)?;
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| {
@@ -395,7 +413,7 @@ pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
             }
             Err(e) => return Err(Error::io(format!("open {}", root.show(&rel)))(e)),
         };
-        finish_fd(fd.as_fd(), &header, &xattrs, &rel)?;
+        finish_fd(fd.as_fd(), &header, &xattrs, &rel, mask)?;
     }
     Ok(stats)
 }
@@ -627,10 +645,16 @@ fn mtime(header: &Header) -> Option<i64> {
 /// Owner, then mode, then xattrs, then times, all through a descriptor of
 /// the object itself: the kernel clears setuid/setgid and file capabilities
 /// on chown, so the mode and xattrs come after it.
-fn finish_fd(fd: BorrowedFd<'_>, header: &Header, xattrs: &Xattrs, rel: &Path) -> Result<()> {
+fn finish_fd(
+    fd: BorrowedFd<'_>,
+    header: &Header,
+    xattrs: &Xattrs,
+    rel: &Path,
+    mask: u32,
+) -> Result<()> {
     let (uid, gid) = ids(header);
     fsat::fchown(fd, uid, gid).map_err(Error::io(format!("chown {}", rel.display())))?;
-    let mode = header.mode().unwrap_or(0o644) & 0o7777;
+    let mode = header.mode().unwrap_or(0o644) & mask;
     fsat::fchmod(fd, mode).map_err(Error::io(format!("chmod {}", rel.display())))?;
     for (k, v) in xattrs {
         fsat::fsetxattr(fd, k, v).map_err(Error::io(format!(

@@ -16,7 +16,7 @@ use std::{
 };
 
 use crate::error::{Error, Result};
-pub use apply::apply;
+pub use apply::{apply, apply_to_host_dir};
 pub use capture::capture;
 
 /// What a capture wrote, or an apply restored.
