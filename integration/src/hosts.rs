@@ -186,17 +186,9 @@ impl TwoHosts {
         let spawned = crate::Spawned::spawn(&mut c, false);
         // Listening, seen from B's own socket table (a probe connection would be taken for a
         // migration).
-        let table = format!("/proc/{}/net/tcp", spawned.pid());
-        let port = format!(":{RECEIVE_PORT:04X} ");
+        let pid = spawned.pid();
         let listening = crate::poll_until(Duration::from_secs(20), || {
-            std::fs::read_to_string(&table)
-                .ok()?
-                .lines()
-                .any(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    f.len() > 3 && format!("{} ", f[1]).ends_with(&port) && f[3] == "0A"
-                })
-                .then_some(())
+            crate::netns::listening(pid, RECEIVE_PORT).then_some(())
         });
         assert!(
             listening.is_some(),

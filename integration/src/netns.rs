@@ -92,6 +92,22 @@ pub fn in_netns<T: Send + 'static>(
     .map_err(|_| "thread in the network namespace panicked".to_string())?
 }
 
+/// Whether the process `pid` sees a TCP socket listening on `port` in its network namespace
+/// (its `/proc/<pid>/net/tcp` and `tcp6`): a check that, unlike a probe connection, the listener
+/// never sees.
+pub fn listening(pid: u32, port: u16) -> bool {
+    let want = format!(":{port:04X} ");
+    let table = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok();
+    table("tcp")
+        .into_iter()
+        .chain(table("tcp6"))
+        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && format!("{} ", f[1]).ends_with(&want) && f[3] == "0A"
+        })
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {

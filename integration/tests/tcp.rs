@@ -18,7 +18,7 @@ use std::time::Duration;
 use containerd_client::types::Descriptor;
 use integration::checkpoint::Api;
 use integration::grpc::CheckpointOptions;
-use integration::netns::NetNs;
+use integration::netns::{listening, NetNs};
 use integration::{
     both_runtimes, poll, read_in_container, Containerd, Runtime, Spawned, STATE_TIMEOUT,
 };
@@ -130,20 +130,6 @@ both_runtimes!(
         restore(cd, &api, rt, &desc, n, "tcp-exit");
     }
 );
-
-/// Whether the process `pid` sees a TCP socket listening on `port` in its network namespace.
-fn listening(pid: u32, port: u16) -> bool {
-    let want = format!(":{port:04X} ");
-    let table = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok();
-    table("tcp")
-        .into_iter()
-        .chain(table("tcp6"))
-        .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 3 && format!("{} ", f[1]).ends_with(&want) && f[3] == "0A"
-        })
-}
 
 /// The last number the server in `pid`'s container wrote to /dev/shm/got (a tmpfs: CRIU keeps
 /// its contents, so either shim restores it).

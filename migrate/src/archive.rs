@@ -189,6 +189,18 @@ pub fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Bytes of CRIU's memory pages (`pages-*.img`) in the images directory `images`.
+pub fn pages_bytes(images: &Path) -> u64 {
+    fs::read_dir(images)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// A reader that hashes and counts what passes through it.
 struct Hashing<R> {
     inner: R,

@@ -19,11 +19,12 @@ use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
     CreateTaskRequest, DeleteContainerRequest, DeleteImageRequest,
     DeleteRequest as DeleteLeaseRequest, DeleteTaskRequest, GetContainerRequest, GetImageRequest,
-    GetRequest, Image, KillRequest, PauseTaskRequest, ReadContentRequest, ResumeTaskRequest,
-    StartRequest, TransferOptions, TransferRequest, WaitRequest, WriteAction, WriteContentRequest,
+    GetRequest, Image, KillRequest, PauseTaskRequest, ReadContentRequest, ReadContentResponse,
+    ResumeTaskRequest, StartRequest, TransferOptions, TransferRequest, WaitRequest, WriteAction,
+    WriteContentRequest,
 };
 use containerd_client::tonic::transport::Channel;
-use containerd_client::tonic::{Code, Request, Status};
+use containerd_client::tonic::{Code, Request, Response, Status};
 use containerd_client::types::{Descriptor, Mount};
 use prost_types::Any;
 
@@ -40,6 +41,18 @@ pub struct Cd {
 
 fn not_found(s: &Status) -> bool {
     s.code() == Code::NotFound
+}
+
+/// A call's response, None when containerd answers NotFound; other errors name `call`.
+fn unless_not_found<T>(
+    r: std::result::Result<Response<T>, Status>,
+    call: impl FnOnce() -> String,
+) -> Result<Option<T>> {
+    match r {
+        Ok(r) => Ok(Some(r.into_inner())),
+        Err(s) if not_found(&s) => Ok(None),
+        Err(s) => Err(anyhow!(s).context(call())),
+    }
 }
 
 impl Cd {
@@ -101,29 +114,22 @@ impl Cd {
         }
     }
 
-    pub async fn container(&self, id: &str) -> Result<Container> {
-        match ContainersClient::new(self.channel.clone())
+    /// Container `id`, None when there is none.
+    pub async fn find_container(&self, id: &str) -> Result<Option<Container>> {
+        let r = ContainersClient::new(self.channel.clone())
             .get(self.req(GetContainerRequest { id: id.to_string() }))
-            .await
-        {
-            Ok(r) => r
-                .into_inner()
-                .container
-                .ok_or_else(|| anyhow!("Containers.Get({id}) returned no container")),
-            Err(s) if not_found(&s) => bail!("no container {id} in {}", self.describe()),
-            Err(s) => Err(anyhow!(s).context(format!("Containers.Get({id})"))),
-        }
+            .await;
+        Ok(unless_not_found(r, || format!("Containers.Get({id})"))?.and_then(|r| r.container))
+    }
+
+    pub async fn container(&self, id: &str) -> Result<Container> {
+        self.find_container(id)
+            .await?
+            .ok_or_else(|| anyhow!("no container {id} in {}", self.describe()))
     }
 
     pub async fn container_exists(&self, id: &str) -> Result<bool> {
-        match ContainersClient::new(self.channel.clone())
-            .get(self.req(GetContainerRequest { id: id.to_string() }))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(s) if not_found(&s) => Ok(false),
-            Err(s) => Err(anyhow!(s).context(format!("Containers.Get({id})"))),
-        }
+        Ok(self.find_container(id).await?.is_some())
     }
 
     pub async fn create_container(&self, c: Container) -> Result<()> {
@@ -136,29 +142,22 @@ impl Cd {
     }
 
     pub async fn delete_container(&self, id: &str) -> Result<()> {
-        match ContainersClient::new(self.channel.clone())
+        let r = ContainersClient::new(self.channel.clone())
             .delete(self.req(DeleteContainerRequest { id: id.to_string() }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if not_found(&s) => Ok(()),
-            Err(s) => Err(anyhow!(s).context(format!("Containers.Delete({id})"))),
-        }
+            .await;
+        unless_not_found(r, || format!("Containers.Delete({id})")).map(drop)
     }
 
     /// The task's status (containerd's enum), None when there is no task.
     pub async fn task_status(&self, id: &str) -> Result<Option<i32>> {
-        match TasksClient::new(self.channel.clone())
+        let r = TasksClient::new(self.channel.clone())
             .get(self.req(GetRequest {
                 container_id: id.to_string(),
                 exec_id: String::new(),
             }))
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().process.map(|p| p.status)),
-            Err(s) if not_found(&s) => Ok(None),
-            Err(s) => Err(anyhow!(s).context(format!("Tasks.Get({id})"))),
-        }
+            .await;
+        Ok(unless_not_found(r, || format!("Tasks.Get({id})"))?
+            .and_then(|r| r.process.map(|p| p.status)))
     }
 
     pub async fn pause(&self, id: &str) -> Result<()> {
@@ -235,40 +234,24 @@ impl Cd {
                 all: true,
             }));
             let (w, k) = tokio::join!(wait, kill);
-            if let Err(s) = k {
-                if !not_found(&s) {
-                    return Err(anyhow!(s).context(format!("Tasks.Kill({id})")));
-                }
-            }
-            if let Err(s) = w {
-                if !not_found(&s) {
-                    return Err(anyhow!(s).context(format!("Tasks.Wait({id})")));
-                }
-            }
+            unless_not_found(k, || format!("Tasks.Kill({id})"))?;
+            unless_not_found(w, || format!("Tasks.Wait({id})"))?;
         }
-        match tasks
+        let r = tasks
             .delete(self.req(DeleteTaskRequest {
                 container_id: id.to_string(),
             }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if not_found(&s) => Ok(()),
-            Err(s) => Err(anyhow!(s).context(format!("Tasks.Delete({id})"))),
-        }
+            .await;
+        unless_not_found(r, || format!("Tasks.Delete({id})")).map(drop)
     }
 
     pub async fn image(&self, name: &str) -> Result<Option<Image>> {
-        match ImagesClient::new(self.channel.clone())
+        let r = ImagesClient::new(self.channel.clone())
             .get(self.req(GetImageRequest {
                 name: name.to_string(),
             }))
-            .await
-        {
-            Ok(r) => Ok(r.into_inner().image),
-            Err(s) if not_found(&s) => Ok(None),
-            Err(s) => Err(anyhow!(s).context(format!("Images.Get({name})"))),
-        }
+            .await;
+        Ok(unless_not_found(r, || format!("Images.Get({name})"))?.and_then(|r| r.image))
     }
 
     /// Creates (or replaces) image `name` pointing at `target`.
@@ -367,23 +350,12 @@ impl Cd {
         self.write_content(reference, rx, labels).await
     }
 
-    pub async fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        self.read_content(digest, |chunk| {
-            out.extend_from_slice(chunk);
-            Ok(())
-        })
-        .await?;
-        Ok(out)
-    }
-
-    /// Reads blob `digest`, handing each chunk to `each`.
-    pub async fn read_content(
+    /// Content.Read's stream of blob `digest`, whole.
+    async fn content_stream(
         &self,
         digest: &str,
-        mut each: impl FnMut(&[u8]) -> Result<()>,
-    ) -> Result<()> {
-        let mut stream = ContentClient::new(self.channel.clone())
+    ) -> Result<containerd_client::tonic::Streaming<ReadContentResponse>> {
+        Ok(ContentClient::new(self.channel.clone())
             .read(self.req(ReadContentRequest {
                 digest: digest.to_string(),
                 offset: 0,
@@ -391,15 +363,20 @@ impl Cd {
             }))
             .await
             .with_context(|| format!("Content.Read({digest})"))?
-            .into_inner();
+            .into_inner())
+    }
+
+    pub async fn read_blob(&self, digest: &str) -> Result<Vec<u8>> {
+        let mut stream = self.content_stream(digest).await?;
+        let mut out = Vec::new();
         while let Some(r) = stream
             .message()
             .await
             .with_context(|| format!("Content.Read({digest})"))?
         {
-            each(&r.data)?;
+            out.extend_from_slice(&r.data);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Reads blob `digest` into the channel (closed at the end); returns its size.
@@ -408,15 +385,7 @@ impl Cd {
         digest: &str,
         tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     ) -> Result<u64> {
-        let mut stream = ContentClient::new(self.channel.clone())
-            .read(self.req(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: 0,
-                size: 0,
-            }))
-            .await
-            .with_context(|| format!("Content.Read({digest})"))?
-            .into_inner();
+        let mut stream = self.content_stream(digest).await?;
         let mut n = 0u64;
         while let Some(r) = stream
             .message()
@@ -447,17 +416,13 @@ impl Cd {
     }
 
     pub async fn snapshot_exists(&self, snapshotter: &str, key: &str) -> Result<bool> {
-        match SnapshotsClient::new(self.channel.clone())
+        let r = SnapshotsClient::new(self.channel.clone())
             .stat(self.req(StatSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 key: key.to_string(),
             }))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(s) if not_found(&s) => Ok(false),
-            Err(s) => Err(anyhow!(s).context(format!("Snapshots.Stat({key})"))),
-        }
+            .await;
+        Ok(unless_not_found(r, || format!("Snapshots.Stat({key})"))?.is_some())
     }
 
     pub async fn prepare_snapshot(
@@ -479,26 +444,20 @@ impl Cd {
     }
 
     pub async fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<()> {
-        match SnapshotsClient::new(self.channel.clone())
+        let r = SnapshotsClient::new(self.channel.clone())
             .remove(self.req(RemoveSnapshotRequest {
                 snapshotter: snapshotter.to_string(),
                 key: key.to_string(),
             }))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) if not_found(&s) => Ok(()),
-            Err(s) => Err(anyhow!(s).context(format!("Snapshots.Remove({key})"))),
-        }
+            .await;
+        unless_not_found(r, || format!("Snapshots.Remove({key})")).map(drop)
     }
 
     /// Removes a container with its task and snapshot, as `ctr rm` with
     /// `--snapshot` cleanup would.
     pub async fn remove_container(&self, id: &str) -> Result<()> {
-        let c = match self.container(id).await {
-            Ok(c) => c,
-            Err(_) if !self.container_exists(id).await.unwrap_or(true) => return Ok(()),
-            Err(e) => return Err(e),
+        let Some(c) = self.find_container(id).await? else {
+            return Ok(());
         };
         self.remove_task(id).await?;
         self.delete_container(id).await?;

@@ -114,14 +114,7 @@ fn size_of(dir: &Path, rel: &str) -> u64 {
 pub fn describe(u: &Unpacked) -> Result<(serde_json::Value, Vec<(String, String)>)> {
     let images = u.dir.join(archive::CHECKPOINT_DIR);
     let procs = process_tree(&images).unwrap_or_default();
-    let memory: u64 = fs::read_dir(&images)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let memory = archive::pages_bytes(&images);
     let shim = u.shim.clone().unwrap_or_default();
     let own = u.own.clone().unwrap_or_default();
     let labels: BTreeMap<_, _> = own.labels.clone();

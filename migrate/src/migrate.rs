@@ -9,7 +9,7 @@
 //! runs; if the destination fails, a live source is resumed and an exited
 //! one keeps its checkpoint on disk, restorable.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -288,28 +288,12 @@ async fn page_server_at(
     let mut h = serde_json::to_value(header)?;
     h["page_server"] = true.into();
     send_line(sock, &h)?;
-    let s = sock.try_clone()?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let line = tokio::task::spawn_blocking(move || -> Result<String> {
-        let mut line = String::new();
-        // One byte at a time: what follows the line is not ours to buffer.
-        let mut b = [0u8; 1];
-        let mut s = s;
-        while s
-            .read(&mut b)
-            .context("read the destination's page server")?
-            == 1
-        {
-            if b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0] as char);
-        }
-        Ok(line)
-    })
-    .await
-    .map_err(|e| anyhow!("reply thread: {e}"))??;
-    sock.set_read_timeout(None)?;
+    let line = read_line(
+        sock,
+        Some(Duration::from_secs(60)),
+        "the destination's page server",
+    )
+    .await?;
     let ready: Ready = serde_json::from_str(&line)
         .with_context(|| format!("the destination's page server answer is not valid: {line:?}"))?;
     match (ready.page_server, ready.error) {
@@ -421,21 +405,34 @@ async fn hand_over(
 
 /// The destination's one reply line.
 async fn read_reply(sock: &TcpStream, timeout: Option<Duration>) -> Result<Reply> {
-    let s = sock.try_clone()?;
-    s.set_read_timeout(timeout)?;
-    let line = tokio::task::spawn_blocking(move || -> Result<String> {
-        let mut line = String::new();
-        BufReader::new(s)
-            .read_line(&mut line)
-            .context("read the destination's reply")?;
-        Ok(line)
-    })
-    .await
-    .map_err(|e| anyhow!("reply thread: {e}"))??;
+    let line = read_line(sock, timeout, "the destination's reply").await?;
     if line.is_empty() {
         bail!("the destination closed the connection without a reply");
     }
     serde_json::from_str(&line).context("the destination's reply is not valid")
+}
+
+/// One line from the destination, without its newline, read a byte at a time (what follows it
+/// is not ours to buffer); `timeout` bounds each read and is lifted after.
+async fn read_line(
+    sock: &TcpStream,
+    timeout: Option<Duration>,
+    what: &'static str,
+) -> Result<String> {
+    let mut s = sock.try_clone()?;
+    s.set_read_timeout(timeout)?;
+    let line = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while s.read(&mut b).with_context(|| format!("read {what}"))? == 1 && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+        Ok(line)
+    })
+    .await
+    .map_err(|e| anyhow!("reply thread: {e}"))??;
+    sock.set_read_timeout(None)?;
+    String::from_utf8(line).with_context(|| format!("{what} is not UTF-8"))
 }
 
 pub(crate) fn copy_counting(

@@ -336,12 +336,7 @@ impl PageServer {
                 None => std::thread::sleep(Duration::from_millis(5)),
             }
         }
-        Ok(std::fs::read_dir(&self.dir)?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("pages-"))
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum())
+        Ok(archive::pages_bytes(&self.dir))
     }
 }
 
