@@ -137,7 +137,16 @@ i=0; while :; do i=$((i+1)); echo "$token $i" > /counter; echo "$token $i" > /da
 ctr_on a run -d --net-host --runtime "$RT" --label app=demo \
   --mount "type=bind,src=$dir/vol-a,dst=/data,options=rbind:rw" "$IMG" demo sh -c "$WORKLOAD"
 pid_of() { ctr_on "$1" tasks ls | awk '$1=="demo"{print $2}'; }
-counter() { cat "/proc/$(pid_of "$1")/root/counter" 2>/dev/null; }
+# The workload rewrites /counter with `>` (truncate, then write): read until a whole line shows.
+counter() {
+  local c
+  for _ in $(seq 1 50); do
+    c=$(cat "/proc/$(pid_of "$1")/root/counter" 2>/dev/null) || true
+    [ -n "$c" ] && { echo "$c"; return 0; }
+    sleep 0.02
+  done
+  return 1
+}
 until [ -n "$(counter a)" ] && [ -e "/proc/$(pid_of a)/root/maxgap" ]; do sleep 0.1; done
 sleep 0.5
 nsenter --net="/run/netns/$tag-net" busybox sh -c \

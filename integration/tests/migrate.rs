@@ -6,10 +6,11 @@
 //! destination runs; when the destination fails, the source runs on (live) or its checkpoint is
 //! kept, restorable (exit). Bad archives are refused with nothing created.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration::hosts::{TwoHosts, B_ADDR, RECEIVE_PORT};
+use integration::netns::listening;
 use integration::{poll, read_in_container, show, stdout, Containerd};
 
 const T: Duration = Duration::from_secs(60);
@@ -23,7 +24,8 @@ fn to() -> String {
     format!("tcp://{B_ADDR}:{RECEIVE_PORT}")
 }
 
-/// (token, counter) of container `id` on `cd`.
+/// (token, counter) of container `id` on `cd`; None while the workload rewrites the file (its
+/// `>` truncates first): callers poll ([`wait_counter`]).
 fn counter(cd: &Containerd, id: &str) -> Option<(String, u64)> {
     let pid = cd.task(id)?.pid;
     let s = read_in_container(pid, "/counter")?;
@@ -67,6 +69,42 @@ fn result_of(out: &std::process::Output) -> serde_json::Value {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "result")
         .unwrap_or_else(|| panic!("no result line: {}", show(out)))
+}
+
+/// A live checkpoint of `id` on A as an uncompressed archive in the harness's dir.
+fn export_plain(h: &TwoHosts, id: &str) -> PathBuf {
+    let file = h.dir().join(format!("{id}.tar"));
+    let f = file.display().to_string();
+    let out = h.run_cli(
+        &h.a,
+        &["checkpoint", id, "--export", &f, "--compress", "none"],
+    );
+    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    file
+}
+
+/// Unpacks `archive` into `dir` (made) with tar, then changes its JSON file `rel` with `edit`;
+/// returns `dir` as a string, for `restore --dir`.
+fn unpack_edited(
+    archive: &Path,
+    dir: &Path,
+    rel: &str,
+    edit: &dyn Fn(&mut serde_json::Value),
+) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let out = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tar: {}", show(&out));
+    let p = dir.join(rel);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+    dir.display().to_string()
 }
 
 fn labels(cd: &Containerd, id: &str) -> serde_json::Value {
@@ -113,7 +151,7 @@ fn migrate_by(via: &str) {
     std::fs::create_dir_all(&vol_b).unwrap();
     run_on_a(&h, &id, &h.image, &vol_a);
     let receiver = h.receiver(&[]);
-    let before = counter(&h.a, &id).unwrap();
+    let before = wait_counter(&h.a, &id, 0);
     let map = format!("/data={}", vol_b.display());
     let target = to();
     let image = format!("{}/checkpoint-{id}:1", h.registry());
@@ -183,7 +221,7 @@ fn destination_without_the_base_image_leaves_the_source_running_or_restorable() 
     assert!(err.contains("runs on here"), "{err}");
     assert!(!receiver.wait(T).status.success());
     assert!(h.b.containers().is_empty(), "B has {:?}", h.b.containers());
-    let (_, n) = counter(&h.a, "live").unwrap();
+    let (_, n) = wait_counter(&h.a, "live", 0);
     wait_counter(&h.a, "live", n + 3);
     assert_eq!(h.a.task("live").unwrap().status, "RUNNING");
 
@@ -225,13 +263,7 @@ fn destination_without_the_base_image_leaves_the_source_running_or_restorable() 
 fn bad_archives_are_refused_with_nothing_created() {
     let h = TwoHosts::start();
     run_on_a(&h, "src", &h.image, &h.dir().join("vol"));
-    let file = h.dir().join("src.tar");
-    let f = file.display().to_string();
-    let out = h.run_cli(
-        &h.a,
-        &["checkpoint", "src", "--export", &f, "--compress", "none"],
-    );
-    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    let file = export_plain(&h, "src");
     let bytes = std::fs::read(&file).unwrap();
 
     let try_restore = |name: &str, data: &[u8]| -> String {
@@ -260,21 +292,13 @@ fn bad_archives_are_refused_with_nothing_created() {
     assert!(!e.is_empty());
 
     // From a newer shim: its record says so.
-    let dir = h.dir().join("newer");
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new("tar")
-        .args(["-xf", &f, "-C", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "tar: {}", show(&out));
-    let rec = dir.join("checkpoint/custom-shim-checkpoint.json");
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
-    v["shim_version"] = "99.0.0".into();
-    std::fs::write(&rec, v.to_string()).unwrap();
-    let out = h.run_cli(
-        &h.b,
-        &["restore", "--dir", dir.to_str().unwrap(), "--name", "newer"],
+    let dir = unpack_edited(
+        &file,
+        &h.dir().join("newer"),
+        "checkpoint/custom-shim-checkpoint.json",
+        &|v| v["shim_version"] = "99.0.0".into(),
     );
+    let out = h.run_cli(&h.b, &["restore", "--dir", &dir, "--name", "newer"]);
     assert!(!out.status.success(), "newer restored: {}", show(&out));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("99.0.0") && e.contains("newer"), "{e}");
@@ -289,33 +313,9 @@ fn bad_archives_are_refused_with_nothing_created() {
 fn a_hostile_spec_cannot_reach_the_destination_host() {
     let h = TwoHosts::start();
     run_on_a(&h, "src", &h.image, &h.dir().join("vol"));
-    let file = h.dir().join("src.tar");
-    let out = h.run_cli(
-        &h.a,
-        &[
-            "checkpoint",
-            "src",
-            "--export",
-            file.to_str().unwrap(),
-            "--compress",
-            "none",
-        ],
-    );
-    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    let file = export_plain(&h, "src");
     let unpack = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
-        let dir = h.dir().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = std::process::Command::new("tar")
-            .args(["-xf", file.to_str().unwrap(), "-C", dir.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tar: {}", show(&out));
-        let p = dir.join("spec.dump");
-        let mut spec: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-        edit(&mut spec);
-        std::fs::write(&p, spec.to_string()).unwrap();
-        dir.display().to_string()
+        unpack_edited(&file, &h.dir().join(name), "spec.dump", edit)
     };
     let allow = h.dir().display().to_string();
     let refused = |dir: &str, extra: &[&str], why: &str| {
@@ -383,15 +383,9 @@ fn a_hostile_spec_cannot_reach_the_destination_host() {
 fn checkpointctl_reads_our_archives() {
     let h = TwoHosts::start();
     run_on_a(&h, "shown", &h.image, &h.dir().join("vol"));
-    let file = h.dir().join("shown.tar");
-    let f = file.display().to_string();
-    let out = h.run_cli(
-        &h.a,
-        &["checkpoint", "shown", "--export", &f, "--compress", "none"],
-    );
-    assert!(out.status.success(), "checkpoint: {}", show(&out));
+    let f = export_plain(&h, "shown").display().to_string();
     // Live by default: it counts on.
-    let (_, n) = counter(&h.a, "shown").unwrap();
+    let (_, n) = wait_counter(&h.a, "shown", 0);
     wait_counter(&h.a, "shown", n + 3);
 
     let show_out = integration::cri::checkpointctl(&["show", &f]);
@@ -469,14 +463,7 @@ fn established_tcp_connection_moves_with_the_container() {
     };
     // The server listens before the client connects.
     poll("the server listening", T, || {
-        let pid = h.a.task("srv")?.pid;
-        let tables = ["tcp", "tcp6"]
-            .map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).unwrap_or_default());
-        tables
-            .iter()
-            .flat_map(|t| t.lines())
-            .any(|l| l.contains(":1770 ") && l.split_whitespace().nth(3) == Some("0A"))
-            .then_some(())
+        listening(h.a.task("srv")?.pid, 6000).then_some(())
     });
     let mut client = h.net.command("/bin/busybox");
     client.args([
