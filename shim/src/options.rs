@@ -47,6 +47,12 @@ pub struct RuntimeOptions {
     /// Only the CRI's TOML options can carry it (`CriuTimeout = 120`).
     #[serde(alias = "CriuTimeout")]
     pub criu_timeout: u64,
+    /// This shim's extension (field 1001 of `containerd.runc.v1.Options`,
+    /// given as task options at Create): `ADDRESS:PORT` of the page server
+    /// of a lazy checkpoint's source. Start then restores with
+    /// `runc restore --lazy-pages`, the memory pulled from there on first
+    /// touch and in the background by a `criu lazy-pages` daemon.
+    pub lazy_pages_from: String,
 }
 
 /// The time runc and CRIU get for one checkpoint or restore unless the
@@ -89,6 +95,9 @@ impl RuntimeOptions {
             "containerd.runc.v1.Options" => {
                 let o = ProtoOptions::parse_from_bytes(&any.value)
                     .map_err(Error::proto("decode containerd.runc.v1.Options"))?;
+                let lazy_pages_from = extension_strings(&o, LAZY_PAGES_FROM_FIELD, "task")?
+                    .pop()
+                    .unwrap_or_default();
                 Ok(Self {
                     binary_name: o.binary_name,
                     root: o.root,
@@ -99,6 +108,7 @@ impl RuntimeOptions {
                     io_uid: o.io_uid,
                     io_gid: o.io_gid,
                     criu_image_path: o.criu_image_path,
+                    lazy_pages_from,
                     criu_work_path: o.criu_work_path,
                     criu_timeout: 0,
                 })
@@ -168,6 +178,16 @@ pub struct CheckpointOptions {
     /// server that takes the memory pages during the dump (a migration
     /// streams them to the destination while the container is frozen).
     pub page_server: String,
+    /// This shim's extension (field 1003): a lazy (post-copy) checkpoint.
+    /// The request returns once CRIU is ready, with every image but the
+    /// memory pages; a page server on `page_server`'s port serves those to
+    /// the destination's `criu lazy-pages` while the container stays frozen.
+    /// When the destination has them all the container exits; if it never
+    /// connects, or goes away before it has them all, the container resumes.
+    pub lazy: bool,
+    /// This shim's extension (field 1004): how long a lazy checkpoint's page
+    /// server waits for the destination, in seconds (0: [`DEFAULT_LAZY_CONNECT_TIMEOUT`]).
+    pub lazy_connect_timeout: u64,
     /// Whether the request carried options at all. containerd's CRI sends
     /// none for a runtime not named runc; `ctr` always sends them.
     pub given: bool,
@@ -189,6 +209,8 @@ impl Default for CheckpointOptions {
             work_path: String::new(),
             volumes: Vec::new(),
             page_server: String::new(),
+            lazy: false,
+            lazy_connect_timeout: 0,
             given: false,
         }
     }
@@ -203,10 +225,26 @@ impl CheckpointOptions {
             "containerd.runc.v1.CheckpointOptions" => {
                 let o = ProtoCheckpointOptions::parse_from_bytes(&any.value)
                     .map_err(Error::proto("decode containerd.runc.v1.CheckpointOptions"))?;
-                let volumes = extension_strings(&o, VOLUMES_FIELD)?;
-                let page_server = extension_strings(&o, PAGE_SERVER_FIELD)?
+                let volumes = extension_strings(&o, VOLUMES_FIELD, "checkpoint")?;
+                let page_server = extension_strings(&o, PAGE_SERVER_FIELD, "checkpoint")?
                     .pop()
                     .unwrap_or_default();
+                let lazy = extension_varint(&o, LAZY_FIELD)?.is_some_and(|v| v != 0);
+                let lazy_connect_timeout =
+                    extension_varint(&o, LAZY_CONNECT_TIMEOUT_FIELD)?.unwrap_or(0);
+                if lazy && page_server.is_empty() {
+                    return Err(Error::InvalidArgument(
+                        "a lazy checkpoint needs the page server's ADDRESS:PORT (field 1002)"
+                            .into(),
+                    ));
+                }
+                if lazy && o.exit {
+                    return Err(Error::InvalidArgument(
+                        "a lazy checkpoint exits once the destination has the pages; \
+                         `exit` is not given with it"
+                            .into(),
+                    ));
+                }
                 Ok(Self {
                     exit: o.exit,
                     open_tcp: o.open_tcp,
@@ -218,6 +256,8 @@ impl CheckpointOptions {
                     image_path: o.image_path,
                     volumes,
                     page_server,
+                    lazy,
+                    lazy_connect_timeout,
                     work_path: o.work_path,
                     given: true,
                 })
@@ -234,19 +274,51 @@ pub const VOLUMES_FIELD: u32 = 1001;
 /// The field number of [`CheckpointOptions::page_server`].
 pub const PAGE_SERVER_FIELD: u32 = 1002;
 
-/// The strings of an unknown (extension) field of `msg`.
-fn extension_strings(msg: &ProtoCheckpointOptions, field: u32) -> Result<Vec<String>> {
+/// The field number of [`CheckpointOptions::lazy`].
+pub const LAZY_FIELD: u32 = 1003;
+/// The field number of [`CheckpointOptions::lazy_connect_timeout`].
+pub const LAZY_CONNECT_TIMEOUT_FIELD: u32 = 1004;
+/// The field number of [`RuntimeOptions::lazy_pages_from`] in `containerd.runc.v1.Options`.
+pub const LAZY_PAGES_FROM_FIELD: u32 = 1001;
+/// How long a lazy checkpoint's page server waits for the destination.
+pub const DEFAULT_LAZY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The last value of an unknown varint (extension) field of `msg`, if any.
+fn extension_varint(msg: &ProtoCheckpointOptions, field: u32) -> Result<Option<u64>> {
     use containerd_shim_protos::protobuf::UnknownValueRef;
-    msg.special_fields
+    let mut last = None;
+    for (n, v) in msg.special_fields.unknown_fields().iter() {
+        if n != field {
+            continue;
+        }
+        match v {
+            UnknownValueRef::Varint(v) => last = Some(v),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "checkpoint option field {field} is not a number"
+                )))
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// The strings of an unknown (extension) field of `msg`.
+fn extension_strings(
+    msg: &dyn containerd_shim_protos::protobuf::MessageDyn,
+    field: u32,
+    what: &str,
+) -> Result<Vec<String>> {
+    use containerd_shim_protos::protobuf::UnknownValueRef;
+    msg.special_fields_dyn()
         .unknown_fields()
         .iter()
         .filter(|(n, _)| *n == field)
         .map(|(_, v)| match v {
-            UnknownValueRef::LengthDelimited(b) => String::from_utf8(b.to_vec()).map_err(|e| {
-                Error::InvalidArgument(format!("checkpoint option field {field}: {e}"))
-            }),
+            UnknownValueRef::LengthDelimited(b) => String::from_utf8(b.to_vec())
+                .map_err(|e| Error::InvalidArgument(format!("{what} option field {field}: {e}"))),
             _ => Err(Error::InvalidArgument(format!(
-                "checkpoint option field {field} is not a string"
+                "{what} option field {field} is not a string"
             ))),
         })
         .collect()

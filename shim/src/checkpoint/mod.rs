@@ -7,6 +7,7 @@
 //! lock, its state, an owned task: see `container/checkpoint.rs`).
 
 pub mod layout;
+pub mod lazy;
 pub mod loopback;
 mod restore;
 pub mod rootfs_diff;
@@ -111,7 +112,7 @@ impl FilesBy {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Clone, Serialize)]
 struct Phases {
     freeze_ms: f64,
     diff_ms: f64,
@@ -130,7 +131,7 @@ struct DumpFlags {
     file_locks: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct Metadata {
     dump_flags: DumpFlags,
     shim_version: &'static str,
@@ -155,9 +156,27 @@ struct Metadata {
     volumes_bytes: u64,
     volumes_left_out: Vec<String>,
     images_bytes: u64,
-    /// False in the record written before the dump, true once CRIU finished.
+    /// False in the record written before the dump, true once CRIU finished
+    /// (for a lazy checkpoint: once every image but the pages was written).
     complete: bool,
+    /// A lazy checkpoint's transfer: `serving`, then `complete` (the
+    /// container exited) or `failed` (it runs on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lazy: Option<LazyRecord>,
 }
+
+#[derive(Debug, Clone, Serialize)]
+struct LazyRecord {
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    bytes: u64,
+    connect_ms: f64,
+    transfer_ms: f64,
+}
+
+/// Told to the caller of a lazy checkpoint once CRIU is ready (or failed before).
+pub type Ready = Option<tokio::sync::oneshot::Sender<Result<()>>>;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -182,6 +201,7 @@ pub async fn dump(
     status: Status,
     files: FilesBy,
     caller: &Caller,
+    ready: &mut Ready,
 ) -> Result<()> {
     let (target, watched) = if opts.image_path.is_empty() {
         (path.to_path_buf(), true)
@@ -196,7 +216,7 @@ pub async fn dump(
     caller.check("the checkpoint")?;
     let made_target = !target.exists();
     fs::create_dir_all(&target).map_err(Error::io(format!("create {}", target.display())))?;
-    let result = dump_into(t, &target, opts, status, files, caller).await;
+    let result = dump_into(t, &target, opts, status, files, caller, ready).await;
     if result.is_err() && made_target {
         // Only if empty: what is in it is not ours.
         let _ = fs::remove_dir(&target);
@@ -211,6 +231,7 @@ async fn dump_into(
     status: Status,
     files: FilesBy,
     caller: &Caller,
+    ready: &mut Ready,
 ) -> Result<()> {
     let staging = Staging::new(target)?;
     // A work dir of our own (CRIU's logs); the log is kept in the bundle on failure.
@@ -227,6 +248,26 @@ async fn dump_into(
     let result = match fs::create_dir_all(&work) {
         Ok(()) => bracket(t, &staging.dir, &work, opts, status, files, caller).await,
         Err(e) => Err(Error::io(format!("create {}", work.display()))(e)),
+    };
+    let result = match result {
+        Ok(Some(rest)) => {
+            // Lazy: every image but the pages is there; CRIU serves those.
+            let result = match staging.commit(target) {
+                Ok(()) => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                    rest.finish(t, target).await
+                }
+                Err(e) => rest.abort(t, e).await,
+            };
+            if own_work {
+                let _ = fs::remove_dir_all(&work);
+            }
+            return result;
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
     };
     if own_work {
         let _ = fs::remove_dir_all(&work);
@@ -265,7 +306,7 @@ async fn bracket(
     status: Status,
     files: FilesBy,
     caller: &Caller,
-) -> Result<()> {
+) -> Result<Option<LazyRest>> {
     let started = Instant::now();
     let mut phases = Phases::default();
     // Found before freezing, so that a rootfs we cannot diff fails nothing.
@@ -284,6 +325,14 @@ async fn bracket(
     };
     // Named volumes that are no bind mounts fail the request before any freeze.
     let binds = volumes::select(t.bundle, &opts.volumes)?;
+    // A lazy checkpoint's listener, bound before anything stops.
+    let relay = match opts.lazy {
+        true => {
+            lazy::check_pipe_size()?;
+            Some(lazy::PageRelay::bind(&opts.page_server).await?)
+        }
+        false => None,
+    };
     let freezer = t.freezer()?;
     // Frozen already (paused, or by someone else): it stays as it is.
     let freeze = status == Status::Running
@@ -352,6 +401,7 @@ async fn bracket(
         volumes_left_out: vols.skipped,
         images_bytes: 0,
         complete: false,
+        lazy: None,
     };
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
@@ -370,6 +420,13 @@ async fn bracket(
         manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
         page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
     };
+    if let Some(relay) = relay {
+        return lazy_dump(
+            t, image, work, criu, relay, opts, guard, metadata, phases, started,
+        )
+        .await
+        .map(Some);
+    }
     if let Err(e) = t.runc.checkpoint(t.id, &criu).await {
         // runc and CRIU are gone (finished or killed): the guard thaws.
         drop(guard);
@@ -391,7 +448,192 @@ async fn bracket(
         // The record from before the dump stands; the images are whole.
         warn!("container {}: final checkpoint record: {e}", t.id);
     }
-    Ok(())
+    Ok(None)
+}
+
+/// The lazy dump up to CRIU's ready: what is left runs in [`LazyRest`].
+#[allow(clippy::too_many_arguments)]
+async fn lazy_dump(
+    t: &Target<'_>,
+    image: &Path,
+    work: &Path,
+    mut criu: CheckpointOpts,
+    relay: lazy::PageRelay,
+    opts: &CheckpointOptions,
+    guard: Option<FreezeGuard>,
+    mut metadata: Metadata,
+    mut phases: Phases,
+    started: Instant,
+) -> Result<LazyRest> {
+    let t0 = Instant::now();
+    criu.leave_running = false;
+    criu.page_server = Some(relay.criu_page_server());
+    let config = relay.write_config(work)?;
+    let mut dump = t.runc.checkpoint_lazy(t.id, &criu, &config)?;
+    let ready = tokio::time::timeout(t.runc.criu_timeout, dump.ready()).await;
+    let failed = match ready {
+        Ok(Ok(true)) => None,
+        Ok(Ok(false)) => Some(match dump.wait().await {
+            Err(e) => criu_failure("dump", e, work, DUMP_LOG, t.bundle),
+            Ok(()) => Error::Internal("runc checkpoint ended without saying ready".into()),
+        }),
+        Ok(Err(e)) => {
+            dump.kill();
+            let _ = dump.wait().await;
+            Some(e)
+        }
+        Err(_) => {
+            dump.kill();
+            let _ = dump.wait().await;
+            Some(criu_failure(
+                "dump",
+                Error::DeadlineExceeded(format!(
+                    "runc checkpoint was not ready within {:?} (the runtime option CriuTimeout sets this bound); it was killed with its CRIU",
+                    t.runc.criu_timeout
+                )),
+                work,
+                DUMP_LOG,
+                t.bundle,
+            ))
+        }
+    };
+    let mut rest = LazyRest {
+        dump,
+        relay: Some(relay),
+        guard,
+        metadata: Metadata {
+            lazy: None,
+            ..metadata.clone()
+        },
+        connect_timeout: match opts.lazy_connect_timeout {
+            0 => crate::options::DEFAULT_LAZY_CONNECT_TIMEOUT,
+            s => Duration::from_secs(s),
+        },
+        transfer_timeout: t.runc.criu_timeout,
+        work: work.to_path_buf(),
+    };
+    if let Some(e) = failed {
+        // runc and CRIU are gone; CRIU may have locked the network first.
+        return Err(rest.put_back(t, e).await);
+    }
+    phases.dump_ms = ms(t0.elapsed());
+    phases.total_ms = ms(started.elapsed());
+    metadata.phases = phases;
+    metadata.criu_version = criu_version(&work.join(DUMP_LOG));
+    metadata.images_bytes = dir_size(image);
+    metadata.complete = true;
+    metadata.lazy = Some(LazyRecord {
+        state: "serving",
+        error: None,
+        bytes: 0,
+        connect_ms: 0.0,
+        transfer_ms: 0.0,
+    });
+    info!(
+        "container {} checkpointed lazily, serving its pages: {:?}",
+        t.id, metadata.phases
+    );
+    write_metadata(image, &metadata)?;
+    rest.metadata = metadata;
+    Ok(rest)
+}
+
+/// A lazy checkpoint after CRIU's ready: the container frozen, CRIU serving
+/// its pages behind the relay.
+pub struct LazyRest {
+    dump: crate::runtime::runc::LazyDump,
+    relay: Option<lazy::PageRelay>,
+    guard: Option<FreezeGuard>,
+    metadata: Metadata,
+    connect_timeout: Duration,
+    transfer_timeout: Duration,
+    work: PathBuf,
+}
+
+impl LazyRest {
+    /// Serves the pages to the destination. When it has them all CRIU kills
+    /// the container's processes (their exit is the task's exit); if not,
+    /// they are put back as they were.
+    async fn finish(mut self, t: &Target<'_>, target: &Path) -> Result<()> {
+        let Some(relay) = self.relay.take() else {
+            return Err(Error::Internal("lazy checkpoint finished twice".into()));
+        };
+        let dump = &self.dump;
+        let served = relay
+            .serve(self.connect_timeout, self.transfer_timeout, || dump.kill())
+            .await;
+        let (transfer, result) = match served {
+            Ok(transfer) => match self.dump.wait().await {
+                Ok(()) => (transfer, Ok(())),
+                Err(e) => (
+                    transfer,
+                    Err(criu_failure("dump", e, &self.work, DUMP_LOG, t.bundle)),
+                ),
+            },
+            Err(e) => {
+                let _ = self.dump.wait().await;
+                (Default::default(), Err(e))
+            }
+        };
+        let mut record = LazyRecord {
+            state: "complete",
+            error: None,
+            bytes: transfer.bytes,
+            connect_ms: transfer.connect_ms,
+            transfer_ms: transfer.transfer_ms,
+        };
+        let result = match result {
+            Ok(()) => {
+                // CRIU killed the processes and runc removed the cgroup.
+                let _ = thaw(self.guard.take());
+                info!(
+                    "container {}: the destination has every page ({} bytes in {:.0} ms); the container exited",
+                    t.id, transfer.bytes, transfer.transfer_ms
+                );
+                Ok(())
+            }
+            Err(e) => {
+                record.state = "failed";
+                record.error = Some(e.to_string());
+                Err(self.put_back(t, e).await)
+            }
+        };
+        let mut metadata = self.metadata.clone();
+        metadata.lazy = Some(record);
+        if let Err(e) = write_metadata(target, &metadata) {
+            warn!("container {}: final checkpoint record: {e}", t.id);
+        }
+        result
+    }
+
+    /// CRIU is stopped before it served anything (the images could not be handed over).
+    async fn abort(self, t: &Target<'_>, e: Error) -> Result<()> {
+        self.dump.kill();
+        let mut this = self;
+        let _ = this.dump.wait().await;
+        Err(this.put_back(t, e).await)
+    }
+
+    /// The processes CRIU let go of run on: their network unlocked (CRIU
+    /// does not after a lazy dump) and thawed, or paused if they were.
+    async fn put_back(&mut self, t: &Target<'_>, e: Error) -> Error {
+        if t.init_pid > 0 {
+            if let Err(u) = lazy::unlock_network(t.runc.reaper(), t.init_pid).await {
+                warn!("container {}: unlock its network: {u}", t.id);
+            }
+        }
+        if let Err(th) = thaw(self.guard.take()) {
+            warn!(
+                "container {}: thaw after the failed lazy checkpoint: {th}",
+                t.id
+            );
+        }
+        warn!(
+            "container {}: lazy checkpoint failed, the container runs on: {e}",
+            t.id
+        );
+        e
+    }
 }
 
 /// Written to a temp file and renamed: the record is whole or the old one.

@@ -159,6 +159,16 @@ impl RestoreSource {
         }
     }
 
+    /// The images runc and CRIU read.
+    pub fn images(&self) -> &Path {
+        &self.images
+    }
+
+    /// CRIU's work dir for the restore (a lazy-pages daemon shares it).
+    pub fn work(&self) -> &Path {
+        &self.work
+    }
+
     pub fn explain_failure(&self, e: Error, bundle: &Path) -> Error {
         criu_failure("restore", e, &self.work, RESTORE_LOG, bundle)
     }

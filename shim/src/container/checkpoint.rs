@@ -10,7 +10,7 @@ use std::{
 };
 
 use containerd_shim_protos::events::task::TaskResumed;
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use super::{lock, Container, Status};
 use crate::{
@@ -58,6 +58,9 @@ impl Container {
         let arrived = Instant::now();
         // A pause that came just before this request, of a CRI container
         // asked with no options: containerd's CRI paused it for this checkpoint.
+        if opts.lazy {
+            return self.checkpoint_lazy(path, opts, deadline).await;
+        }
         let pauses = *lock(&self.pauses);
         let cri_pause = (self.cri_container && !opts.given)
             .then_some(pauses)
@@ -76,7 +79,7 @@ impl Container {
                 let files =
                     FilesBy::at_checkpoint(this.cri_container, &opts, status, cri_pause.is_some());
                 let target = this.target();
-                checkpoint::dump(&target, &path, &opts, status, files, &caller).await
+                checkpoint::dump(&target, &path, &opts, status, files, &caller, &mut None).await
             }
             .await;
             if let Some(generation) = cri_pause {
@@ -90,6 +93,57 @@ impl Container {
                 }
             }
             result
+        })
+        .await
+    }
+
+    /// A lazy checkpoint: answered once CRIU is ready (every image but the
+    /// memory pages written, the rootfs diff in the same freeze), while the
+    /// container stays frozen, under its lock, until the destination has
+    /// every page (the container then exits) or fails (it runs on).
+    async fn checkpoint_lazy(
+        self: &Arc<Self>,
+        path: PathBuf,
+        opts: CheckpointOptions,
+        deadline: Option<Duration>,
+    ) -> Result<()> {
+        let this = self.clone();
+        owned::run_within(deadline, move |caller| async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let mut ready = Some(tx);
+                let _op = this.ops.lock().await;
+                let result = async {
+                    caller.check("the checkpoint")?;
+                    let status = this
+                        .init
+                        .require(&[Status::Running, Status::Paused], "checkpoint")?;
+                    let target = this.target();
+                    checkpoint::dump(
+                        &target,
+                        &path,
+                        &opts,
+                        status,
+                        FilesBy::Shim,
+                        &caller,
+                        &mut ready,
+                    )
+                    .await
+                }
+                .await;
+                match ready.take() {
+                    Some(tx) => {
+                        let _ = tx.send(result);
+                    }
+                    None => match result {
+                        Ok(()) => info!("container {}: lazy migration complete", this.id),
+                        Err(e) => warn!("container {}: lazy migration: {e}", this.id),
+                    },
+                }
+            });
+            rx.await.map_err(|_| {
+                Error::Internal("the lazy checkpoint ended without an answer".into())
+            })?
         })
         .await
     }

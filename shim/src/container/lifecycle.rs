@@ -18,7 +18,7 @@ use log::{info, warn};
 
 use super::{Container, Process, Shared, Status};
 use crate::{
-    checkpoint::RestoreSource,
+    checkpoint::{lazy::LazyDaemon, RestoreSource},
     error::{Error, Result},
     io::{self, remove_quietly},
     options::RuntimeOptions,
@@ -198,12 +198,29 @@ impl Container {
             warn!("container {}: restore without bringing lo up: {e}", self.id);
             None
         });
+        // Lazy: the daemon that pulls the pages from the source listens first.
+        let lazy_from = &self.options.lazy_pages_from;
+        let daemon = if lazy_from.is_empty() {
+            None
+        } else {
+            Some(
+                LazyDaemon::start(
+                    &self.shared.reaper,
+                    source.images(),
+                    source.work(),
+                    lazy_from,
+                    self.runc.criu_timeout,
+                )
+                .await?,
+            )
+        };
         let opts = RestoreOpts {
             checkpoint: source.criu_opts(),
             pid_file: pid_file.clone(),
             console_socket: pending.console_path(),
             no_pivot: self.options.no_pivot_root,
             criu_config: loopback.as_ref().map(|l| l.path().to_path_buf()),
+            lazy_pages: daemon.is_some(),
         };
         let child = pending.take_child();
         let started = Instant::now();
@@ -213,6 +230,10 @@ impl Container {
         let io = match restored {
             Ok(io) => io,
             Err(e) => {
+                if let Some(d) = daemon {
+                    d.kill();
+                    let _ = d.wait(None).await;
+                }
                 let e = source.explain_failure(e, &self.bundle);
                 let _ = self.runc.delete(&self.id, true).await;
                 // Keep the source so that a retry of Start can try again.
@@ -223,16 +244,59 @@ impl Container {
         let pid = match self.pid_or_undo(&pid_file, &io).await {
             Ok(pid) => pid,
             Err(e) => {
+                if let Some(d) = daemon {
+                    d.kill();
+                    let _ = d.wait(None).await;
+                }
                 *super::lock(&self.restore) = Some(source);
                 return Err(e);
             }
         };
         self.init.set_started(pid, io);
         self.watch_exit(self.init.clone(), pid, started);
-        // Restored: the images are not kept for the container's life.
-        source.finish();
+        match daemon {
+            // Restored: the images are not kept for the container's life.
+            None => source.finish(),
+            Some(d) => {
+                d.restored(pid);
+                self.watch_lazy_pages(d, source, pid)
+            }
+        }
         info!("container {} restored as pid {pid}", self.id);
         Ok(pid)
+    }
+
+    /// The container runs while its pages arrive. If the daemon fails (the
+    /// source went away) its memory is incomplete: it is killed, and the
+    /// reason is logged and kept in the bundle (`lazy-pages.failed`).
+    fn watch_lazy_pages(self: &Arc<Self>, daemon: LazyDaemon, source: RestoreSource, pid: i32) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let keep = this.bundle.join("criu-lazy-pages.log");
+            match daemon.wait(Some(&keep)).await {
+                Ok(()) => info!(
+                    "container {}: every lazy page arrived ({:.0} ms after the restore)",
+                    this.id,
+                    t0.elapsed().as_secs_f64() * 1000.0
+                ),
+                Err(e) => {
+                    log::error!(
+                        "container {}: its memory did not all arrive; killing it: {e}",
+                        this.id
+                    );
+                    let _ = std::fs::write(this.bundle.join("lazy-pages.failed"), e.to_string());
+                    if let Err(k) = this.runc.kill(&this.id, libc::SIGKILL as u32, true).await {
+                        warn!("container {}: kill: {k}", this.id);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+            source.finish();
+        });
     }
 
     pub async fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {

@@ -73,6 +73,8 @@ pub struct RestoreOpts {
     /// environment (`CRIU_CONFIG_FILE`): runc passes the user's own CRIU
     /// config as ever, and CRIU reads both.
     pub criu_config: Option<PathBuf>,
+    /// Memory pages come from a `criu lazy-pages` daemon in the work dir.
+    pub lazy_pages: bool,
 }
 
 pub struct Output {
@@ -95,6 +97,11 @@ impl Runc {
             criu_timeout: crate::options::DEFAULT_CRIU_TIMEOUT,
             reaper,
         }
+    }
+
+    /// Where the exits of the processes the shim starts are delivered.
+    pub fn reaper(&self) -> &Reaper {
+        &self.reaper
     }
 
     pub fn with_criu_timeout(mut self, limit: Duration) -> Self {
@@ -245,6 +252,83 @@ impl Runc {
             .map(drop)
     }
 
+    /// Starts a lazy `runc checkpoint`: CRIU dumps everything but the memory
+    /// pages, says so through runc's status fd, then serves the pages on
+    /// `page_server` until the destination has them all (or fails). The
+    /// returned handle waits for either; runc and CRIU run in a process group
+    /// of their own, which [`LazyDump::kill`] kills. `criu_config` is a CRIU
+    /// config file for this dump only (`CRIU_CONFIG_FILE`), read besides the
+    /// user's own.
+    pub fn checkpoint_lazy(
+        &self,
+        id: &str,
+        opts: &CheckpointOpts,
+        criu_config: &Path,
+    ) -> Result<LazyDump> {
+        use std::os::fd::AsRawFd;
+        let page_server = opts.page_server.clone().ok_or_else(|| {
+            Error::InvalidArgument("a lazy checkpoint needs a page server address".into())
+        })?;
+        let mut args = self.global_args();
+        args.push("checkpoint".into());
+        args.extend(criu_args(opts));
+        args.extend([
+            "--lazy-pages".into(),
+            "--page-server".into(),
+            page_server,
+            "--status-fd".into(),
+            "3".into(),
+            id.into(),
+        ]);
+        let (status_rd, status_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("status pipe")(e.into()))?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&args)
+            .env("CRIU_CONFIG_FILE", criu_config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let wr = status_wr.as_raw_fd();
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: dup2, prctl and getppid are async-signal-safe; nothing else
+        // runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+            cmd.pre_exec(move || {
+                // dup2 leaves the new fd without FD_CLOEXEC: runc gets it as fd 3.
+                if libc::dup2(wr, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        debug!("runc {} (lazy)", args.join(" "));
+        let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+        let started = Instant::now();
+        let child = cmd.spawn().map_err(Error::io(format!(
+            "spawn {} checkpoint",
+            self.binary.display()
+        )))?;
+        drop(cmd);
+        // Only runc (and its CRIU) hold the write end now: EOF means they are gone.
+        drop(status_wr);
+        let pid = child.id() as i32;
+        Ok(LazyDump {
+            pid,
+            exit: Some(self.reaper.claim(pid, started)),
+            status: Some(File::from(status_rd)),
+            log: self.log.clone(),
+            log_offset,
+        })
+    }
+
     pub async fn restore(
         &self,
         id: &str,
@@ -266,6 +350,9 @@ impl Runc {
         }
         if opts.no_pivot {
             args.push("--no-pivot".into());
+        }
+        if opts.lazy_pages {
+            args.push("--lazy-pages".into());
         }
         args.push(id.into());
         let env = opts
@@ -389,6 +476,68 @@ impl Runc {
             return Err(Error::Runc { command, message });
         }
         Ok(Output { stdout })
+    }
+}
+
+/// A lazy `runc checkpoint` under way (see [`Runc::checkpoint_lazy`]).
+pub struct LazyDump {
+    pid: i32,
+    exit: Option<tokio::sync::oneshot::Receiver<crate::reaper::ExitStatus>>,
+    status: Option<File>,
+    log: PathBuf,
+    log_offset: u64,
+}
+
+impl LazyDump {
+    /// Waits until CRIU has written every image but the lazy pages: true;
+    /// false if runc ended first (then [`Self::wait`] tells why).
+    pub async fn ready(&mut self) -> Result<bool> {
+        let Some(mut status) = self.status.take() else {
+            return Ok(false);
+        };
+        tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 1];
+            loop {
+                match status.read(&mut b) {
+                    Ok(0) => return Ok(false),
+                    Ok(_) if b[0] == 0 => return Ok(true),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io("read runc's status fd")(e)),
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("status reader: {e}")))?
+    }
+
+    /// runc's and CRIU's process group, killed: CRIU lets go of the tasks it
+    /// holds, which go on as they were (frozen if their cgroup is).
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// runc's end: Ok when CRIU served every page and the container's
+    /// processes were killed by it, else runc's error.
+    pub async fn wait(&mut self) -> Result<()> {
+        let Some(exit) = self.exit.take() else {
+            return Err(Error::Internal("lazy checkpoint waited for twice".into()));
+        };
+        let status = exit
+            .await
+            .map_err(|_| Error::Internal("exit of runc checkpoint was lost".into()))?;
+        if status.code != 0 {
+            let message = last_log_error(&self.log, self.log_offset)
+                .unwrap_or_else(|| format!("exit status {}", status.code));
+            return Err(Error::Runc {
+                command: "checkpoint".into(),
+                message,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,713 @@
+//! Lazy (post-copy) migration with stock CRIU.
+//!
+//! **Source.** `runc checkpoint --lazy-pages` dumps everything but the
+//! memory pages, tells runc through its status fd, and then serves the pages
+//! to the destination's `criu lazy-pages` daemon until it closes the
+//! connection. Stock CRIU then kills the dumped tasks — also when the
+//! destination merely went away before it had every page (a lazy page
+//! server takes an end of file for the end of the transfer). So the page
+//! server CRIU runs listens on 127.0.0.1 only (a CRIU config file for this
+//! dump sets its address) and the shim's [`PageRelay`] stands between it
+//! and the destination: it forwards the destination's end only after the
+//! destination said `PS_IOV_CLOSE` (it has every page). If the destination
+//! never connects, or goes away before that, the relay kills CRIU first:
+//! the tasks it held are let go, the shim unlocks their network (CRIU locked
+//! it for the dump and does not unlock it after a lazy dump) and thaws them.
+//!
+//! **Destination.** Start runs `criu lazy-pages` pointed at the source's
+//! page server in the restore's work dir ([`LazyDaemon`]), waits for its
+//! socket, and restores with `runc restore --lazy-pages`: the container runs
+//! while its memory streams in. If the daemon fails (the source went away),
+//! the container's memory is incomplete, and the shim kills it.
+
+use std::{
+    fs::File,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicI32, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use log::{info, warn};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    error::{Error, Result},
+    reaper::{ExitStatus, Reaper},
+};
+
+/// The CRIU config a lazy dump runs with (its page server on loopback only).
+pub const DUMP_CONFIG: &str = "criu-lazy-dump.conf";
+/// The lazy-pages daemon's log, in the restore's work dir.
+pub const DAEMON_LOG: &str = "lazy-pages.log";
+/// The socket the restoring CRIU hands its userfaultfds to.
+const DAEMON_SOCKET: &str = "lazy-pages.socket";
+
+/// CRIU's page server protocol (criu/page-xfer.c): every request is a
+/// `struct page_server_iov { u32 cmd; u64 nr_pages; u64 vaddr; u64 dst_id; }`,
+/// 32 bytes with its padding; the lazy-pages daemon sends nothing else.
+const IOV_SIZE: usize = 32;
+const PS_CMD_MASK: u32 = 0xffff;
+const PS_IOV_CLOSE: u32 = 0x1023;
+const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
+
+/// The pipes CRIU's lazy page server makes (`PIPE_MAX_SIZE` pages, criu/page-pipe.h).
+const CRIU_PIPE_BYTES: u64 = 819 * 4096;
+
+/// A lazy dump's page server needs pipes past the default `fs.pipe-max-size`: allowed with
+/// CAP_SYS_RESOURCE or a raised sysctl. Without either CRIU fails only when the destination asks
+/// for its first page; this says so before anything stops.
+pub fn check_pipe_size() -> Result<()> {
+    let max: u64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    if max >= CRIU_PIPE_BYTES || has_cap_sys_resource() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "a lazy checkpoint needs pipes of {CRIU_PIPE_BYTES} bytes for CRIU's page server, but \
+         fs.pipe-max-size is {max} and the shim lacks CAP_SYS_RESOURCE: raise it \
+         (`sysctl fs.pipe-max-size=4194304`; `make deps` does)"
+    )))
+}
+
+fn has_cap_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
+}
+
+/// What crossed the relay.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transfer {
+    /// Bytes sent to the destination (page headers and pages).
+    pub bytes: u64,
+    pub connect_ms: f64,
+    pub transfer_ms: f64,
+}
+
+/// The page server the destination connects to, in front of CRIU's.
+pub struct PageRelay {
+    listener: TcpListener,
+    criu_port: u16,
+}
+
+impl PageRelay {
+    /// Listens on `addr` (`ADDRESS:PORT`, the address the destination
+    /// dials) and picks a free loopback port for CRIU's own page server.
+    pub async fn bind(addr: &str) -> Result<Self> {
+        let public: SocketAddr = addr.parse().map_err(|e| {
+            Error::InvalidArgument(format!("page server address {addr:?}: {e} (want IP:PORT)"))
+        })?;
+        let listener = TcpListener::bind(public)
+            .await
+            .map_err(Error::io(format!("listen on {public} for the destination")))?;
+        let criu_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(Error::io("pick a port for CRIU's page server"))?
+            .port();
+        Ok(Self {
+            listener,
+            criu_port,
+        })
+    }
+
+    /// What runc is given as `--page-server` (CRIU keeps only the port in a
+    /// lazy dump; the config file keeps it on loopback).
+    pub fn criu_page_server(&self) -> String {
+        format!("127.0.0.1:{}", self.criu_port)
+    }
+
+    /// Writes the CRIU config of the dump into `work`.
+    pub fn write_config(&self, work: &Path) -> Result<PathBuf> {
+        let path = work.join(DUMP_CONFIG);
+        std::fs::write(&path, "address 127.0.0.1\n")
+            .map_err(Error::io(format!("write {}", path.display())))?;
+        Ok(path)
+    }
+
+    /// Relays one destination to CRIU's page server until the destination
+    /// has every page. On any failure `abort` (which kills CRIU) runs before
+    /// CRIU's connection is closed, so that CRIU never takes the failure for
+    /// the end of the transfer and kills the tasks.
+    pub async fn serve(
+        self,
+        connect_timeout: Duration,
+        transfer_timeout: Duration,
+        abort: impl Fn(),
+    ) -> Result<Transfer> {
+        let t0 = Instant::now();
+        let accepted = tokio::time::timeout(connect_timeout, self.listener.accept()).await;
+        drop(self.listener);
+        let (dest, peer) = match accepted {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                abort();
+                return Err(Error::io("accept the destination's connection")(e));
+            }
+            Err(_) => {
+                abort();
+                return Err(Error::DeadlineExceeded(format!(
+                    "the destination did not connect to the page server within {connect_timeout:?}"
+                )));
+            }
+        };
+        let connect_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        info!("lazy pages: destination {peer} connected");
+        keepalive(&dest);
+        let criu = match TcpStream::connect(("127.0.0.1", self.criu_port)).await {
+            Ok(s) => s,
+            Err(e) => {
+                abort();
+                return Err(Error::io("connect to CRIU's page server")(e));
+            }
+        };
+        let mut transfer = relay(dest, criu, transfer_timeout, || true, abort).await?;
+        transfer.connect_ms = connect_ms;
+        Ok(transfer)
+    }
+}
+
+/// Relays one `criu lazy-pages` daemon (`puller`) to one page server (`server`): requests up,
+/// pages down. The end of the puller's stream reaches the server only after the puller said
+/// `PS_IOV_CLOSE` (it has every page) and `may_close` agreed; on any failure `abort` runs while
+/// the server's connection is still open.
+async fn relay(
+    puller: TcpStream,
+    server: TcpStream,
+    transfer_timeout: Duration,
+    may_close: impl Fn() -> bool,
+    abort: impl Fn(),
+) -> Result<Transfer> {
+    let _ = puller.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let t1 = Instant::now();
+    let (mut dest_rd, mut dest_wr) = puller.into_split();
+    let (mut criu_rd, mut criu_wr) = server.into_split();
+    // Puller → server: requests, checked for the close that ends the transfer.
+    let up = async {
+        let mut iov = [0u8; IOV_SIZE];
+        let mut closed = false;
+        loop {
+            match dest_rd.read_exact(&mut iov).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    if closed {
+                        // The server waits for this end before it finishes.
+                        criu_wr.shutdown().await?;
+                    }
+                    return Ok::<bool, std::io::Error>(closed);
+                }
+                Err(e) => return Err(e),
+            }
+            let cmd = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) & PS_CMD_MASK;
+            if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+                if !may_close() {
+                    return Err(std::io::Error::other(
+                        "the restored container died before every page arrived",
+                    ));
+                }
+                closed = true;
+            } else if closed {
+                return Err(std::io::Error::other("a request after the close"));
+            }
+            criu_wr.write_all(&iov).await?;
+        }
+    };
+    // Server → puller: pages, counted.
+    let down = async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n_total = 0u64;
+        loop {
+            let n = criu_rd.read(&mut buf).await?;
+            if n == 0 {
+                let _ = dest_wr.shutdown().await;
+                return Ok::<u64, std::io::Error>(n_total);
+            }
+            dest_wr.write_all(&buf[..n]).await?;
+            n_total += n as u64;
+        }
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let relayed = tokio::time::timeout(transfer_timeout, async {
+        tokio::select! {
+            r = &mut up => match r {
+                // Every page is there: the server may see the end.
+                Ok(true) => Ok(down.await.unwrap_or(0)),
+                Ok(false) => Err("the destination closed the connection before it had every page".to_string()),
+                Err(e) => Err(format!("the destination's connection failed: {e}")),
+            },
+            r = &mut down => match r {
+                Ok(_) => Err("the page server closed the connection".to_string()),
+                Err(e) => Err(format!("sending pages to the destination failed: {e}")),
+            },
+        }
+    })
+    .await;
+    let transfer_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    match relayed {
+        Ok(Ok(bytes)) => Ok(Transfer {
+            bytes,
+            connect_ms: 0.0,
+            transfer_ms,
+        }),
+        Ok(Err(why)) => {
+            abort();
+            Err(Error::Internal(format!("lazy migration failed: {why}")))
+        }
+        Err(_) => {
+            abort();
+            Err(Error::DeadlineExceeded(format!(
+                "the destination did not take every page within {transfer_timeout:?}"
+            )))
+        }
+    }
+}
+
+/// A dead destination is noticed in about 10 s even if no packet says so.
+fn keepalive(s: &TcpStream) {
+    let fd = s.as_raw_fd();
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 4),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 2),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+    ] {
+        let v: libc::c_int = value;
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Removes the network lock CRIU put into the namespace of `pid` for the
+/// dump (its `CRIU` iptables chain, IPv4 and IPv6), which a lazy dump that
+/// did not end leaves behind. Nothing to remove is no error.
+pub async fn unlock_network(reaper: &Reaper, pid: i32) -> Result<()> {
+    let ns = File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(Error::io(format!("open the network namespace of {pid}")))?;
+    let mut removed = 0;
+    for bin in ["iptables", "ip6tables"] {
+        for args in [
+            &["-w", "-D", "INPUT", "-j", "CRIU"][..],
+            &["-w", "-D", "OUTPUT", "-j", "CRIU"],
+            &["-w", "-D", "INPUT", "-j", "CRIU"],
+            &["-w", "-D", "OUTPUT", "-j", "CRIU"],
+            &["-w", "-F", "CRIU"],
+            &["-w", "-X", "CRIU"],
+        ] {
+            let mut cmd = Command::new(bin);
+            cmd.args(args);
+            match run_in_netns(reaper, cmd, &ns).await {
+                Ok(0) => removed += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("{bin}: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        info!("unlocked the network of {pid} ({removed} rules and chains of CRIU's removed)");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` in the network namespace `ns`, its exit taken from the reaper.
+async fn run_in_netns(reaper: &Reaper, mut cmd: Command, ns: &File) -> Result<i32> {
+    let fd = ns.as_raw_fd();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setns is a plain system call; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let child = cmd.spawn().map_err(Error::io("spawn"))?;
+    let exit = reaper.claim(child.id() as i32, started);
+    let status = exit
+        .await
+        .map_err(|_| Error::Internal("exit lost".into()))?;
+    Ok(status.code)
+}
+
+/// The destination's `criu lazy-pages` daemon, and the shim's relay between it and the
+/// source's page server.
+pub struct LazyDaemon {
+    pid: i32,
+    exit: tokio::sync::oneshot::Receiver<ExitStatus>,
+    relay: tokio::task::JoinHandle<Result<Transfer>>,
+    /// The restored init, once known: the relay lets the daemon end the transfer only while it
+    /// lives (else the source, told the pages all arrived, would kill the only live copy).
+    init: Arc<AtomicI32>,
+    pub work: PathBuf,
+}
+
+impl LazyDaemon {
+    /// Starts the daemon for the images in `images`, in the restore's work dir `work`, pulling
+    /// through the shim's relay from `source` (`ADDRESS:PORT`), and waits until it listens for
+    /// the restoring CRIU.
+    pub async fn start(
+        reaper: &Reaper,
+        images: &Path,
+        work: &Path,
+        source: &str,
+        transfer_timeout: Duration,
+    ) -> Result<Self> {
+        let source: SocketAddr = source.parse().map_err(|e| {
+            Error::InvalidArgument(format!(
+                "lazy pages source {source:?}: {e} (want IP:PORT of the source's page server)"
+            ))
+        })?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(Error::io("listen for the lazy-pages daemon"))?;
+        let port = listener
+            .local_addr()
+            .map_err(Error::io("listen for the lazy-pages daemon"))?
+            .port();
+        let _ = std::fs::remove_file(work.join(DAEMON_SOCKET));
+        let mut cmd = Command::new("criu");
+        cmd.arg("lazy-pages")
+            .arg("--page-server")
+            .args(["--address", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--images-dir")
+            .arg(images)
+            .arg("--work-dir")
+            .arg(work)
+            .arg("--log-file")
+            .arg(DAEMON_LOG)
+            .arg("-v4")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl and getppid are async-signal-safe.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().map_err(Error::io("spawn criu lazy-pages"))?;
+        let pid = child.id() as i32;
+        let init = Arc::new(AtomicI32::new(0));
+        let relay = tokio::spawn(pull(listener, source, pid, init.clone(), transfer_timeout));
+        let mut daemon = Self {
+            pid,
+            exit: reaper.claim(pid, started),
+            relay,
+            init,
+            work: work.to_path_buf(),
+        };
+        // Listening once its socket is there; ended if it exited first.
+        let socket = work.join(DAEMON_SOCKET);
+        while !socket.exists() {
+            if let Ok(status) = daemon.exit.try_recv() {
+                daemon.relay.abort();
+                return Err(Error::Criu {
+                    action: "lazy-pages",
+                    message: format!(
+                        "the lazy-pages daemon exited with status {} before it listened",
+                        status.code
+                    ),
+                    log: work.join(DAEMON_LOG),
+                });
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                daemon.kill();
+                return Err(Error::DeadlineExceeded(
+                    "the lazy-pages daemon did not listen within 30 s".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(daemon)
+    }
+
+    /// The restored init's pid: from now on the transfer may end while it lives.
+    pub fn restored(&self, pid: i32) {
+        self.init.store(pid, Ordering::SeqCst);
+    }
+
+    pub fn kill(&self) {
+        kill_group(self.pid);
+    }
+
+    /// The daemon's end: Ok once every page arrived, else why not (its log
+    /// then kept as `keep_log`, when given: the work dir goes).
+    pub async fn wait(self, keep_log: Option<&Path>) -> Result<()> {
+        let mut log = self.work.join(DAEMON_LOG);
+        let status = self
+            .exit
+            .await
+            .map_err(|_| Error::Internal("exit of criu lazy-pages was lost".into()))?;
+        // Its relay ends with it (the daemon's connection closes).
+        let relayed = match tokio::time::timeout(Duration::from_secs(10), self.relay).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::Internal(format!("lazy pages relay: {e}"))),
+            Err(_) => Err(Error::Internal("the lazy pages relay did not end".into())),
+        };
+        if status.code == 0 {
+            if let Ok(t) = &relayed {
+                info!("lazy pages: {} bytes in {:.0} ms", t.bytes, t.transfer_ms);
+            }
+            return Ok(());
+        }
+        let why = match relayed {
+            Err(e) => e.to_string(),
+            Ok(_) => std::fs::read_to_string(&log)
+                .ok()
+                .and_then(|t| super::criu_error_line(&t))
+                .unwrap_or_default(),
+        };
+        if let Some(keep) = keep_log {
+            if std::fs::copy(&log, keep).is_ok() {
+                log = keep.to_path_buf();
+            }
+        }
+        Err(Error::Criu {
+            action: "lazy-pages",
+            message: format!(
+                "the lazy-pages daemon exited with status {} before every page arrived: {why}",
+                status.code
+            ),
+            log,
+        })
+    }
+}
+
+fn kill_group(pid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// The destination's relay: the daemon's one connection to the source's page server, through
+/// the shim. A daemon that never connects, or a source that cannot be reached, kills the daemon.
+async fn pull(
+    listener: TcpListener,
+    source: SocketAddr,
+    daemon: i32,
+    init: Arc<AtomicI32>,
+    transfer_timeout: Duration,
+) -> Result<Transfer> {
+    let abort = move || kill_group(daemon);
+    let puller = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
+        Ok(Ok((s, _))) => s,
+        Ok(Err(e)) => {
+            abort();
+            return Err(Error::io("accept the lazy-pages daemon")(e));
+        }
+        Err(_) => {
+            abort();
+            return Err(Error::DeadlineExceeded(
+                "the lazy-pages daemon did not connect within 120 s".into(),
+            ));
+        }
+    };
+    drop(listener);
+    let server =
+        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(source)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                abort();
+                return Err(Error::io(format!(
+                    "connect to the source's page server {source}"
+                ))(e));
+            }
+            Err(_) => {
+                abort();
+                return Err(Error::DeadlineExceeded(format!(
+                    "the source's page server {source} did not answer within 10 s"
+                )));
+            }
+        };
+    keepalive(&server);
+    info!("lazy pages: pulling from {source}");
+    relay(
+        puller,
+        server,
+        transfer_timeout,
+        || has_memory(init.load(Ordering::SeqCst)),
+        abort,
+    )
+    .await
+}
+
+/// Whether `pid` runs with its memory (a process that exited, or is exiting, has none).
+fn has_memory(pid: i32) -> bool {
+    pid > 0
+        && std::fs::read_to_string(format!("/proc/{pid}/statm"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .is_some_and(|pages| pages > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn iov(cmd: u32) -> [u8; IOV_SIZE] {
+        let mut b = [0u8; IOV_SIZE];
+        b[..4].copy_from_slice(&cmd.to_le_bytes());
+        b
+    }
+
+    /// A relay on a free port, with a fake CRIU page server on its loopback port: the fake
+    /// answers each request with 4 KiB, the close with a status word, and reports whether the
+    /// relay had called `abort` when it saw the end of the destination's stream.
+    async fn relay_and_criu() -> (
+        PageRelay,
+        SocketAddr,
+        Arc<AtomicBool>,
+        tokio::task::JoinHandle<bool>,
+    ) {
+        let relay = PageRelay::bind("127.0.0.1:0").await.unwrap();
+        let public = relay.listener.local_addr().unwrap();
+        let criu = TcpListener::bind(("127.0.0.1", relay.criu_port))
+            .await
+            .unwrap();
+        let aborted = Arc::new(AtomicBool::new(false));
+        let seen = aborted.clone();
+        let fake = tokio::spawn(async move {
+            let (mut s, _) = criu.accept().await.unwrap();
+            let mut req = [0u8; IOV_SIZE];
+            loop {
+                if s.read_exact(&mut req).await.is_err() {
+                    // The end of the destination's stream: was CRIU killed before it?
+                    return seen.load(Ordering::SeqCst);
+                }
+                let cmd = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+                if cmd == PS_IOV_CLOSE {
+                    s.write_all(&0i32.to_le_bytes()).await.unwrap();
+                } else {
+                    s.write_all(&[7u8; 4096]).await.unwrap();
+                }
+            }
+        });
+        (relay, public, aborted, fake)
+    }
+
+    #[tokio::test]
+    async fn the_end_reaches_criu_only_after_the_destination_closed() {
+        let (relay, public, aborted, fake) = relay_and_criu().await;
+        let flag = aborted.clone();
+        let serve = tokio::spawn(async move {
+            relay
+                .serve(Duration::from_secs(5), Duration::from_secs(5), move || {
+                    flag.store(true, Ordering::SeqCst)
+                })
+                .await
+        });
+        let mut dest = TcpStream::connect(public).await.unwrap();
+        dest.write_all(&iov(7)).await.unwrap();
+        let mut page = vec![0u8; 4096];
+        dest.read_exact(&mut page).await.unwrap();
+        dest.write_all(&iov(PS_IOV_CLOSE)).await.unwrap();
+        let mut status = [0u8; 4];
+        dest.read_exact(&mut status).await.unwrap();
+        drop(dest);
+        let transfer = serve.await.unwrap().unwrap();
+        assert_eq!(transfer.bytes, 4096 + 4);
+        assert!(
+            !fake.await.unwrap(),
+            "CRIU was killed after a complete transfer"
+        );
+        assert!(!aborted.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_destination_gone_before_the_close_kills_criu_first() {
+        let (relay, public, aborted, fake) = relay_and_criu().await;
+        let flag = aborted.clone();
+        let serve = tokio::spawn(async move {
+            relay
+                .serve(Duration::from_secs(5), Duration::from_secs(5), move || {
+                    flag.store(true, Ordering::SeqCst)
+                })
+                .await
+        });
+        let mut dest = TcpStream::connect(public).await.unwrap();
+        dest.write_all(&iov(7)).await.unwrap();
+        let mut page = vec![0u8; 4096];
+        dest.read_exact(&mut page).await.unwrap();
+        // Half a request, then gone.
+        dest.write_all(&iov(7)[..10]).await.unwrap();
+        drop(dest);
+        let err = serve.await.unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("before it had every page"),
+            "{err}"
+        );
+        assert!(
+            fake.await.unwrap(),
+            "CRIU saw the end before it was killed: it would kill the tasks"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_never_connects_is_a_deadline() {
+        let (relay, _public, aborted, _fake) = relay_and_criu().await;
+        let flag = aborted.clone();
+        let err = relay
+            .serve(
+                Duration::from_millis(50),
+                Duration::from_secs(5),
+                move || flag.store(true, Ordering::SeqCst),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
+        assert!(aborted.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn the_pipe_check_names_the_sysctl() {
+        // Either this host allows CRIU's pipes, or the error says how to.
+        if let Err(e) = check_pipe_size() {
+            assert!(e.to_string().contains("fs.pipe-max-size"), "{e}");
+        }
+    }
+}
