@@ -45,6 +45,12 @@ pub struct CheckpointOptions {
     /// This shim's extension: `ADDRESS:PORT` of the CRIU page server the pages go to.
     #[prost(string, tag = "1002")]
     pub page_server: String,
+    /// This shim's extension: a lazy checkpoint, its pages served from `page_server`'s port.
+    #[prost(bool, tag = "1003")]
+    pub lazy: bool,
+    /// This shim's extension: how long the lazy page server waits for the destination (s).
+    #[prost(uint64, tag = "1004")]
+    pub lazy_connect_timeout: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -58,6 +64,9 @@ pub struct Want {
     pub volumes: Vec<String>,
     /// Send the memory pages to this CRIU page server during the dump.
     pub page_server: Option<String>,
+    /// Lazy: serve the pages from this `ADDRESS:PORT` until the destination
+    /// has them (the call returns before), waiting this long for it (s).
+    pub lazy: Option<(String, u64)>,
 }
 
 /// A checkpoint arranged in the archive layout in `dir`.
@@ -185,9 +194,18 @@ pub async fn take(
         open_tcp: want.tcp_established,
         file_locks: want.file_locks,
         image_path: images.display().to_string(),
-        work_path: dir.join("criu-work").display().to_string(),
+        // Lazy: CRIU works on after the call; the shim keeps its own work dir.
+        work_path: match want.lazy {
+            Some(_) => String::new(),
+            None => dir.join("criu-work").display().to_string(),
+        },
         volumes: volumes.clone(),
-        page_server: want.page_server.clone().unwrap_or_default(),
+        page_server: match &want.lazy {
+            Some((listen, _)) => listen.clone(),
+            None => want.page_server.clone().unwrap_or_default(),
+        },
+        lazy: want.lazy.is_some(),
+        lazy_connect_timeout: want.lazy.as_ref().map(|l| l.1).unwrap_or(0),
         ..Default::default()
     };
     progress.phase("checkpoint", 0);
@@ -278,7 +296,7 @@ pub async fn take(
             .as_ref()
             .map(|s| s.type_url.clone())
             .unwrap_or_default(),
-        live: !want.exit,
+        live: !want.exit && want.lazy.is_none(),
         rootfs_included: !want.ignore_rootfs,
         volumes: if want.ignore_volumes {
             Vec::new()

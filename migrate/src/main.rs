@@ -89,6 +89,7 @@ impl DumpArgs {
             ignore_volumes: self.ignore_volumes,
             volumes: self.volumes.clone(),
             page_server: None,
+            lazy: None,
         }
     }
 }
@@ -159,6 +160,18 @@ enum Cmd {
         /// Mount the volume at DEST from PATH on the destination; repeatable.
         #[arg(long = "volume-map", value_name = "DEST=PATH", value_parser = parse_map)]
         volume_map: Vec<(String, PathBuf)>,
+        /// Lazy (post-copy): the container runs on the destination before its memory has
+        /// arrived; the pages follow from a page server here, on first touch and in the
+        /// background. The source stays frozen until the destination has them all, and
+        /// resumes if it never gets them. Straight across only.
+        #[arg(long, conflicts_with_all = ["exit", "tcp_established"])]
+        lazy: bool,
+        /// The port of the lazy page server here (the destination dials this host's address).
+        #[arg(long, default_value_t = 7073, requires = "lazy")]
+        lazy_port: u16,
+        /// How long the lazy page server waits for the destination to connect, in seconds.
+        #[arg(long, default_value_t = 60, requires = "lazy")]
+        lazy_timeout: u64,
     },
     /// Serve migrations into this containerd.
     Receive {
@@ -315,6 +328,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 log: target.log,
                 io_root: work.join("io"),
                 trust: target.trust.trust(),
+                lazy_pages_from: None,
             };
             let (unpacked, tmp) = match (import, image, dir) {
                 (_, _, Some(d)) => (archive::check(&d)?, None),
@@ -393,6 +407,9 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
             name,
             no_page_server,
             volume_map,
+            lazy,
+            lazy_port,
+            lazy_timeout,
         } => {
             let mut cd = Cd::connect(&cli.address, &cli.namespace).await?;
             let args = migrate::MigrateArgs {
@@ -407,6 +424,7 @@ async fn run(cli: Cli, progress: &Progress) -> Result<()> {
                 name,
                 volume_map,
                 page_server: !no_page_server,
+                lazy: lazy.then_some((lazy_port, lazy_timeout)),
             };
             migrate::migrate(&mut cd, args, &work, progress).await
         }

@@ -59,6 +59,10 @@ pub(crate) struct Header {
     /// archive comes; the archive then holds no memory pages.
     #[serde(default)]
     pub(crate) page_server: bool,
+    /// Lazy: the memory pages are not in the archive; the destination pulls them from a page
+    /// server on this port of the address it was reached from.
+    #[serde(default)]
+    pub(crate) lazy_port: Option<u16>,
 }
 
 /// The destination's answer to a header asking for a page server.
@@ -96,6 +100,8 @@ pub struct MigrateArgs {
     /// Straight across and live: the memory goes to a CRIU page server on the destination
     /// during the dump.
     pub page_server: bool,
+    /// Lazy (post-copy): the page server's port here, and how long it waits (s).
+    pub lazy: Option<(u16, u64)>,
 }
 
 fn connect(to: &str) -> Result<TcpStream> {
@@ -133,6 +139,12 @@ pub async fn migrate(
     // packets dropped) when asked, and always with established TCP: a live
     // source would answer its peers after the dump and their bytes be lost.
     let exit = args.checkpoint.exit || args.checkpoint.tcp_established;
+    if args.lazy.is_some() {
+        if exit || args.via != Via::Stream {
+            bail!("--lazy moves a live container straight across (--via stream, without --exit)");
+        }
+        return lazy_migrate(cd, args, work_root, progress, t0).await;
+    }
     if exit && !args.checkpoint.exit {
         progress.note("established TCP connections: the source stops at the dump (--exit)");
     }
@@ -275,6 +287,145 @@ fn header_of(args: &MigrateArgs) -> Header {
         size: 0,
         source_host: checkpoint::hostname(),
         page_server: false,
+        lazy_port: args.lazy.map(|l| l.0),
+    }
+}
+
+/// Lazy: the shim answers the checkpoint once CRIU is ready, the container
+/// frozen and every image but the pages written; the archive goes across,
+/// the destination runs the container and pulls the pages from the shim's
+/// page server here; the shim's record says when that ended.
+async fn lazy_migrate(
+    cd: &mut Cd,
+    args: MigrateArgs,
+    work_root: &Path,
+    progress: &Progress,
+    t0: Instant,
+) -> Result<()> {
+    let id = args.id.clone();
+    let Some((port, timeout)) = args.lazy else {
+        bail!("not a lazy migration");
+    };
+    let mut sock = connect(&args.to)?;
+    cd.container(&id).await?;
+    let work = checkpoint::work_dir(work_root, &id)?;
+    let want = CheckpointWant {
+        lazy: Some((format!("0.0.0.0:{port}"), timeout)),
+        ..args.checkpoint.clone()
+    };
+    let taken = match checkpoint::take(cd, &id, &want, &work, progress).await {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e.context(format!(
+                "nothing of it runs on the destination; {id} runs on here"
+            )));
+        }
+    };
+    let handed = hand_over(
+        cd,
+        &args,
+        header_of(&args),
+        false,
+        &taken,
+        &mut sock,
+        progress,
+    )
+    .await;
+    // Whatever the destination said, the shim's page server decides the source's fate.
+    progress.phase("lazy pages", 0);
+    let outcome = lazy_outcome(&taken.dir, Duration::from_secs(timeout)).await;
+    let reply = match (handed, outcome) {
+        (Ok(reply), Ok(record)) => (reply, record),
+        (handed, outcome) => {
+            let _ = std::fs::remove_dir_all(&work);
+            let dest = match &handed {
+                Ok(r) => format!(
+                    "the destination's {} did not get every page and is killed there",
+                    r.name.clone().unwrap_or_default()
+                ),
+                Err(e) => format!("the destination could not restore ({e:#})"),
+            };
+            let here = match (&outcome, cd.task_status(&id).await) {
+                (Err(e), Ok(Some(s))) if s == TASK_RUNNING => {
+                    format!("{id} runs on here ({e:#})")
+                }
+                (Err(e), s) => format!("{id} here: {e:#}; its task is {s:?}"),
+                (Ok(_), _) => format!("{id} exited here"),
+            };
+            bail!("lazy migration failed: {dest}; {here}");
+        }
+    };
+    let (reply, record) = reply;
+    progress.phase("remove source", 0);
+    let removed = cd.remove_container(&id).await;
+    let _ = std::fs::remove_dir_all(&work);
+    if let Err(e) = removed {
+        progress.note(&format!(
+            "the container runs on the destination, but removing {id} here failed: {e:#}"
+        ));
+    }
+    let downtime = reply.started_at_ms.saturating_sub(taken.stopped_at_ms);
+    let total_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (mut v, mut table) = taken.figures();
+    v["via"] = "stream".into();
+    v["lazy"] = true.into();
+    v["destination"] = args.to.clone().into();
+    v["name"] = reply.name.clone().into();
+    v["downtime_ms"] = downtime.into();
+    v["total_ms"] = total_ms.into();
+    v["bytes_moved"] = (reply.bytes + record["bytes"].as_u64().unwrap_or(0)).into();
+    v["lazy_bytes"] = record["bytes"].clone();
+    v["lazy_transfer_ms"] = record["transfer_ms"].clone();
+    v["restore_ms"] = reply.restore_ms.into();
+    v["criu_restore_ms"] = reply.start_ms.into();
+    table.insert(0, ("path".into(), "stream, lazy".into()));
+    table.push((
+        "restore on destination".into(),
+        format!("{:.1} ms", reply.restore_ms),
+    ));
+    table.push((
+        "memory pages".into(),
+        format!(
+            "{} pulled by the destination in {:.0} ms, after it ran",
+            human(record["bytes"].as_u64().unwrap_or(0)),
+            record["transfer_ms"].as_f64().unwrap_or(0.0)
+        ),
+    ));
+    table.push(("archive bytes".into(), human(reply.bytes)));
+    table.push(("downtime".into(), format!("{downtime} ms")));
+    table.push(("total".into(), format!("{total_ms:.0} ms")));
+    progress.result(v, &table);
+    Ok(())
+}
+
+/// The shim's record of the lazy transfer, once it ended: Ok when the
+/// destination got every page (the source exited), else why not (the
+/// source runs on). The shim bounds the wait itself (the connect timeout,
+/// then CRIU's); this only stops polling a record that never changes.
+async fn lazy_outcome(dir: &Path, connect_timeout: Duration) -> Result<serde_json::Value> {
+    let record = dir
+        .join(crate::archive::CHECKPOINT_DIR)
+        .join(crate::archive::SHIM_RECORD);
+    let give_up = Instant::now() + connect_timeout + Duration::from_secs(3600);
+    loop {
+        let v: serde_json::Value = std::fs::read(&record)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        match v["lazy"]["state"].as_str() {
+            Some("complete") => return Ok(v["lazy"].clone()),
+            Some("failed") => bail!(
+                "{}",
+                v["lazy"]["error"]
+                    .as_str()
+                    .unwrap_or("the lazy transfer failed")
+            ),
+            _ if Instant::now() > give_up => {
+                bail!("the shim never said how the lazy transfer ended")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 

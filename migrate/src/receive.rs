@@ -130,6 +130,11 @@ async fn receive_into(
     args: &ReceiveArgs,
     progress: &Progress,
 ) -> Result<(restore::Restored, u64)> {
+    // Lazy: the pages come from the source's page server, at the address it reached us from.
+    let lazy_from = match header.lazy_port {
+        Some(port) => Some(format!("{}:{port}", reader.get_ref().peer_addr()?.ip())),
+        None => None,
+    };
     let (unpacked, bytes) = match header.via {
         Via::Registry => {
             let reference = header
@@ -201,32 +206,31 @@ async fn receive_into(
                 })
                 .await
                 .map_err(|e| anyhow!("unpack thread: {e}"))??;
-            if let Some(ps) = pages {
-                let pages = ps.finish()?;
-                return finish_receive(
-                    cd,
-                    header,
-                    counted.0,
-                    counted.1 + pages,
-                    args,
-                    work,
-                    progress,
-                )
-                .await;
+            match pages {
+                Some(ps) => (counted.0, counted.1 + ps.finish()?),
+                None => counted,
             }
-            counted
         }
     };
-    finish_receive(cd, header, unpacked, bytes, args, work, progress).await
+    finish_receive(
+        cd,
+        header,
+        (unpacked, bytes),
+        args,
+        work,
+        lazy_from,
+        progress,
+    )
+    .await
 }
 
 async fn finish_receive(
     cd: &mut Cd,
     header: &Header,
-    unpacked: archive::Unpacked,
-    bytes: u64,
+    (unpacked, bytes): (archive::Unpacked, u64),
     args: &ReceiveArgs,
     work: &Path,
+    lazy_pages_from: Option<String>,
     progress: &Progress,
 ) -> Result<(restore::Restored, u64)> {
     // The volume map comes from the network: it may only point where this receiver allows.
@@ -255,6 +259,7 @@ async fn finish_receive(
             ))
         }),
         io_root: work.parent().unwrap_or(work).join("io"),
+        lazy_pages_from,
         ..Default::default()
     };
     let r = restore::restore(cd, &unpacked, &want, progress).await?;

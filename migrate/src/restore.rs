@@ -24,6 +24,9 @@ pub const RUNC_OPTIONS: &str = "containerd.runc.v1.Options";
 struct CriuImagePath {
     #[prost(string, tag = "10")]
     criu_image_path: String,
+    /// The shim's extension: `ADDRESS:PORT` of a lazy checkpoint's page server.
+    #[prost(string, tag = "1001")]
+    lazy_pages_from: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -41,6 +44,8 @@ pub struct Want {
     pub io_root: PathBuf,
     /// What of the archive's spec may act on this host (see `trust`).
     pub trust: Trust,
+    /// Lazy: the memory pages come from this `ADDRESS:PORT` (the source's page server).
+    pub lazy_pages_from: Option<String>,
 }
 
 pub struct Restored {
@@ -112,11 +117,12 @@ pub fn guard(spec: &serde_json::Value, want: &Want) -> Result<()> {
 
 /// Task options: `criu_image_path` only (the archive's runtime options are not taken: a
 /// `BinaryName` there would be run as runc).
-fn task_options(images: &Path) -> Any {
+fn task_options(images: &Path, lazy_pages_from: Option<&str>) -> Any {
     Any {
         type_url: RUNC_OPTIONS.into(),
         value: CriuImagePath {
             criu_image_path: images.display().to_string(),
+            lazy_pages_from: lazy_pages_from.unwrap_or_default().to_string(),
         }
         .encode_to_vec(),
     }
@@ -187,6 +193,7 @@ pub async fn restore(
         &runtime,
         spec,
         (&stdin, &log),
+        want.lazy_pages_from.as_deref(),
     )
     .await;
     cd.end_lease().await;
@@ -226,6 +233,7 @@ async fn create(
     runtime: &str,
     spec: serde_json::Value,
     (stdin, log): (&Path, &Path),
+    lazy_pages_from: Option<&str>,
 ) -> Result<(u32, f64)> {
     let mounts = cd.prepare_snapshot(snapshotter, name, chain).await?;
     let own = u.own.clone().unwrap_or_default();
@@ -256,7 +264,7 @@ async fn create(
         stdin: stdin.display().to_string(),
         stdout: log.clone(),
         stderr: log,
-        options: Some(task_options(&images)),
+        options: Some(task_options(&images, lazy_pages_from)),
         ..Default::default()
     })
     .await
