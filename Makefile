@@ -6,7 +6,7 @@ CARGO ?= cargo
 SHIM := containerd-shim-custom-v2
 IMAGE_TAR := target/test-image/shimtest.tar
 
-.PHONY: help deps build release install uninstall demo migrate-demo test unit integration image bench bench-quick lint fmt clean
+.PHONY: help deps build release install uninstall demo migrate-demo lazy-demo test unit integration image bench bench-quick lint fmt clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ demo: deps install ## the main job: install, build, register, run a container, c
 
 migrate-demo: deps install ## two hosts on this machine (containerds in network namespaces, a registry): a container with memory, files, a volume and a client's TCP connection moved by each path (straight across, archive file, registry), with downtime, total time and bytes per path
 	bash scripts/migrate-demo.sh
+
+lazy-demo: deps install ## lazy (post-copy) migration on two hosts: 1 GiB of verified PRNG-filled memory moved A → B the usual way, then B → A lazily (running before its memory arrived), downtime and total side by side
+	bash scripts/lazy-demo.sh
 
 unit: ## unit tests of the shim and container-migrate
 	$(CARGO) test -p $(SHIM) -p shim-protos -p container-migrate

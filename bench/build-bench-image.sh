@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Builds the benchmark image as an OCI image-layout tar: the integration-test image
-# (scripts/build-test-image.sh: static busybox) with a second layer holding /bin/workload, the
-# static C program of bench/workload.c (gcc -static -O2).
+# (scripts/build-test-image.sh: static busybox) with a second layer holding /bin/workload and
+# /bin/memhog, the static C programs of bench/workload.c and bench/memhog.c (gcc -static -O2).
 #
 #   usage: bench/build-bench-image.sh [OUTPUT.tar]      (default: target/bench-image/shimbench.tar)
 #
 # `ctr images import OUTPUT.tar` names it docker.io/library/shimbench:latest.
 # Idempotent like build-test-image.sh: nothing is done when OUTPUT's stamp (this script,
-# workload.c, the base image) matches. Needs gcc with a static libc (libc6-dev), tar, gzip,
+# workload.c, memhog.c, the base image) matches. Needs gcc with a static libc (libc6-dev), tar, gzip,
 # sha256sum, python3 (to edit the base image's JSON).
 set -euo pipefail
 
@@ -30,7 +30,7 @@ mkdir -p "$(dirname "$out")"
 exec 9>"$out.lock"
 flock 9
 
-stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$here/workload.c" "$base_tar" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
+stamp_want=$( { sha256sum "${BASH_SOURCE[0]}" "$here/workload.c" "$here/memhog.c" "$base_tar" | cut -d' ' -f1; echo "$EPOCH $IMAGE_NAME"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out" ] && [ -f "$out.stamp" ] && [ "$(cat "$out.stamp")" = "$stamp_want" ]; then
   echo "build-bench-image: $out is up to date ($IMAGE_NAME)"
   exit 0
@@ -43,12 +43,14 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/rootfs/bin"
 gcc -static -O2 -Wall -Wextra -o "$work/rootfs/bin/workload" "$here/workload.c" \
   || die "gcc -static failed (a static libc comes with libc6-dev)"
-chmod 0755 "$work/rootfs/bin/workload"
+gcc -static -O2 -Wall -Wextra -o "$work/rootfs/bin/memhog" "$here/memhog.c" \
+  || die "gcc -static failed (a static libc comes with libc6-dev)"
+chmod 0755 "$work/rootfs/bin/workload" "$work/rootfs/bin/memhog"
 layer_tar="$work/layer.tar"
 tar --create --file "$layer_tar" --directory "$work/rootfs" \
   --sort=name --format=gnu --numeric-owner --owner=0 --group=0 \
   --mtime="@$EPOCH" --no-acls --no-xattrs --no-selinux --no-recursion \
-  ./bin ./bin/workload
+  ./bin ./bin/memhog ./bin/workload
 gzip -n -6 -c "$layer_tar" >"$work/layer.tar.gz"
 
 # --- the base image, extended -----------------------------------------------------------------------
@@ -90,7 +92,7 @@ gz_digest = sha(layer_gz)
 shutil.copy(layer_gz, os.path.join(blobs, gz_digest))
 created = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 config["rootfs"]["diff_ids"].append("sha256:" + sha(layer_tar))
-config["history"].append({"created": created, "created_by": "bench/build-bench-image.sh (bin/workload)"})
+config["history"].append({"created": created, "created_by": "bench/build-bench-image.sh (bin/workload, bin/memhog)"})
 config_digest, config_size = add_json(config)
 manifest["config"] = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size}
 manifest["layers"].append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",

@@ -103,6 +103,18 @@ fi
 say "criu: $(criu --version | head -1)"
 criu check >/dev/null 2>&1 && say "criu check: looks good" || say "WARNING: 'criu check' reports problems: $(criu check 2>&1 | tail -1)"
 
+# A lazy checkpoint's page server (criu/page-xfer.c) makes pipes of ~3.2 MiB, past the default
+# fs.pipe-max-size (1 MiB); without CAP_SYS_RESOURCE (which a container host may withhold) CRIU
+# then fails. Raised to 4 MiB, now and at boot.
+PIPE_MAX=4194304
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+  echo "$PIPE_MAX" >/proc/sys/fs/pipe-max-size || say "WARNING: cannot raise fs.pipe-max-size: lazy migration needs it"
+fi
+if [ -d /etc/sysctl.d ] && [ ! -f /etc/sysctl.d/90-containerd-shim-custom.conf ]; then
+  echo "fs.pipe-max-size = $PIPE_MAX" >/etc/sysctl.d/90-containerd-shim-custom.conf
+fi
+say "fs.pipe-max-size: $(cat /proc/sys/fs/pipe-max-size)"
+
 # The CRI tests serve base images from a loopback registry: containerd's CRI pulls a checkpoint's base
 # image again by its repo digest, which an image that was only imported does not have.
 install_pkgs docker-registry

@@ -174,6 +174,24 @@ impl TwoHosts {
         run_with_timeout(&mut c, None, Duration::from_secs(300)).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Limits what host A (`from_a`) or B sends to `rate` (a tc token bucket on its link), so
+    /// that a transfer lasts long enough to be interrupted.
+    pub fn limit_rate(&self, from_a: bool, rate: &str) {
+        let ns = if from_a { &self.a_ns } else { &self.b_ns };
+        let links = ns.ip(&["-o", "link", "show"]);
+        let dev = links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .find(|n| n != "lo")
+            .expect("a link besides lo");
+        let mut c = ns.command("tc");
+        c.args(["qdisc", "replace", "dev", &dev, "root", "tbf", "rate", rate])
+            .args(["burst", "64kb", "latency", "500ms"]);
+        let out = run_with_timeout(&mut c, None, Duration::from_secs(30)).expect("run tc");
+        assert!(out.status.success(), "tc on {dev}: {}", show(&out));
+    }
+
     /// Starts `container-migrate receive --once` on B, listening on B's address, the harness's
     /// dir allowed for bind mounts (`--allow-bind`); waits until it listens.
     pub fn receiver(&self, extra: &[&str]) -> crate::Spawned {

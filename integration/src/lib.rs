@@ -169,6 +169,27 @@ pub fn built_image(flag: &str) -> Result<PathBuf, String> {
     Ok(tar)
 }
 
+/// The benchmark image (`/bin/workload`, `/bin/memhog` on the test image), built once per test
+/// process by bench/build-bench-image.sh into `<target>/bench-image/` (nothing is done when it
+/// is up to date).
+pub fn bench_image() -> Result<PathBuf, String> {
+    static IMAGE_TAR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    IMAGE_TAR
+        .get_or_init(|| {
+            let base = test_image()?;
+            let tar = target_dir().join("bench-image").join("shimbench.tar");
+            let script = workspace_root().join("bench").join("build-bench-image.sh");
+            let mut cmd = Command::new("bash");
+            cmd.arg(&script).arg(&tar).env("BASE_IMAGE_TAR", &base);
+            let out = process::run_with_timeout(&mut cmd, None, Duration::from_secs(300))?;
+            if !out.status.success() || !tar.is_file() {
+                return Err(format!("{} failed: {}", script.display(), show(&out)));
+            }
+            Ok(tar)
+        })
+        .clone()
+}
+
 /// The real-program image (redis, postgresql, nginx, python3 from Debian), built once per machine
 /// by scripts/build-workload-image.sh into its cache (or `SHIMTEST_WORKLOAD_IMAGE_TAR`).
 pub fn workload_image() -> Result<PathBuf, String> {

@@ -11,6 +11,10 @@
 //! "raw" is what CRIU itself takes for the same workload: a local dump to disk (a live checkpoint
 //! of the container just before the move, the shim's record) plus the restore in the move (the
 //! destination's Start).
+//!
+//! *lazy* (ours only: no other engine has it): `migrate --lazy` of `memhog` (memory filled from a
+//! PRNG stream), its memory checked byte for byte on the destination after the move; the goal is
+//! a downtime of at most a quarter of the full move's of the same size.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -44,6 +48,22 @@ impl Bench<'_> {
                 g,
                 "migration (ms)",
                 &what("total"),
+                "ms",
+                false,
+            );
+            r.declare(
+                &format!("mig_lazy_down_{mib}"),
+                g,
+                "migration (ms)",
+                &what("lazy: downtime (runs on the destination before its memory arrived)"),
+                "ms",
+                false,
+            );
+            r.declare(
+                &format!("mig_lazy_total_{mib}"),
+                g,
+                "migration (ms)",
+                &what("lazy: total (until the destination has every page)"),
                 "ms",
                 false,
             );
@@ -86,9 +106,45 @@ impl Bench<'_> {
                     h.b.ctr(["tasks", "delete", &id]);
                     h.b.ctr(["containers", "delete", &id]);
                 }
+                // Lazy, ours only (no other engine has it): memory filled from a PRNG stream,
+                // every byte checked on the destination once the pages are all there.
+                check_interrupted()?;
+                let id = format!("mig-lazy-{mib}-{round}");
+                run_memhog(&h, &image, &id, mib)?;
+                let (down, total) = move_lazy(&h, &id)?;
+                self.res
+                    .add(&format!("mig_lazy_down_{mib}"), Runtime::Custom, down);
+                self.res
+                    .add(&format!("mig_lazy_total_{mib}"), Runtime::Custom, total);
+                h.b.ctr(["tasks", "kill", "-s", "KILL", &id]);
+                poll("the moved task gone", T, || {
+                    h.b.task(&id)
+                        .is_none_or(|t| t.status == "STOPPED")
+                        .then_some(())
+                })?;
+                h.b.ctr(["tasks", "delete", &id]);
+                h.b.ctr(["containers", "delete", &id]);
             }
             let r = &self.res;
             let cu = Runtime::Custom;
+            if let (Some(lazy), Some(full)) = (
+                r.median(&format!("mig_lazy_down_{mib}"), cu),
+                r.median(&format!("mig_down_{mib}"), cu),
+            ) {
+                let total = r.median(&format!("mig_lazy_total_{mib}"), cu);
+                self.res.targets.push(Target {
+                    what: format!("{mib} MiB: lazy migration downtime ≤ 25% of the full one's"),
+                    measured: format!(
+                        "{} ms vs {} ms full ({:.0}%); the pages all arrived {} ms after the start, every byte checked",
+                        num(lazy),
+                        num(full),
+                        100.0 * lazy / full,
+                        total.map(num).unwrap_or_else(|| "—".into())
+                    ),
+                    met: Some(lazy <= full * 0.25),
+                });
+            }
+            let r = &self.res;
             if let (Some(d), Some(raw)) = (
                 r.median(&format!("mig_down_{mib}"), cu),
                 r.median(&format!("mig_raw_{mib}"), cu),
@@ -130,6 +186,66 @@ fn run_workload(h: &TwoHosts, rt: Runtime, image: &str, id: &str, mib: u64) -> R
     poll(&format!("{id} touching {mib} MiB"), T, || {
         read_in_container(h.a.task(id)?.pid, "/maxgap").map(|_| ())
     })
+}
+
+/// Runs memhog holding `mib` MiB filled from a PRNG stream on A (custom shim), until filled.
+fn run_memhog(h: &TwoHosts, image: &str, id: &str, mib: u64) -> Result<(), String> {
+    let out = h.a.ctr([
+        "run",
+        "-d",
+        "--runtime",
+        Runtime::Custom.name(),
+        image,
+        id,
+        "memhog",
+        &mib.to_string(),
+        "777",
+    ]);
+    if !out.status.success() {
+        return Err(format!("ctr run {id}: {}", integration::show(&out)));
+    }
+    poll(&format!("{id} filling {mib} MiB"), T, || {
+        read_in_container(h.a.task(id)?.pid, "/memhog").map(|_| ())
+    })
+}
+
+/// memhog's `verified` and `bad` counts on B.
+fn memhog_check(h: &TwoHosts, id: &str) -> Option<(u64, u64)> {
+    let s = read_in_container(h.b.task(id)?.pid, "/memhog")?;
+    let f = |k: &str| -> Option<u64> {
+        s.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))?
+            .parse()
+            .ok()
+    };
+    Some((f("verified")?, f("bad")?))
+}
+
+/// A lazy move of `id` A → B: (downtime, total) in ms; fails unless every byte arrived intact.
+fn move_lazy(h: &TwoHosts, id: &str) -> Result<(f64, f64), String> {
+    let receiver = h.receiver(&[]);
+    let target = format!("tcp://{B_ADDR}:{RECEIVE_PORT}");
+    let out = h.run_cli(&h.a, &["--json", "migrate", id, "--to", &target, "--lazy"]);
+    let done = receiver.wait(T);
+    if !out.status.success() || !done.status.success() {
+        return Err(format!(
+            "migrate --lazy {id}: {}\nreceiver: {}",
+            integration::show(&out),
+            integration::show(&done)
+        ));
+    }
+    let r = result_line(&out.stdout).ok_or_else(|| format!("migrate {id}: no result line"))?;
+    h.b.ctr(["tasks", "kill", "-s", "SIGUSR1", id]);
+    let (_, bad) = poll(&format!("{id} checking its memory"), T, || {
+        memhog_check(h, id).filter(|(v, _)| *v > 0)
+    })?;
+    if bad != 0 {
+        return Err(format!(
+            "lazy migration of {id}: {bad} words of memory differ"
+        ));
+    }
+    let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    Ok((f("downtime_ms"), f("total_ms")))
 }
 
 /// The CRIU dump of `id` to local disk, in ms (a live checkpoint, the shim's record).
