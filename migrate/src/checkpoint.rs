@@ -51,6 +51,9 @@ pub struct CheckpointOptions {
     /// This shim's extension: how long the lazy page server waits for the destination (s).
     #[prost(uint64, tag = "1004")]
     pub lazy_connect_timeout: u64,
+    /// This shim's extension: the only IP the lazy page server serves.
+    #[prost(string, tag = "1005")]
+    pub lazy_peer: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -64,9 +67,18 @@ pub struct Want {
     pub volumes: Vec<String>,
     /// Send the memory pages to this CRIU page server during the dump.
     pub page_server: Option<String>,
-    /// Lazy: serve the pages from this `ADDRESS:PORT` until the destination
-    /// has them (the call returns before), waiting this long for it (s).
-    pub lazy: Option<(String, u64)>,
+    /// Lazy: serve the pages until the destination has them (the call returns before).
+    pub lazy: Option<Lazy>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Lazy {
+    /// `ADDRESS:PORT` the page server listens on.
+    pub listen: String,
+    /// How long it waits for the destination (s).
+    pub timeout: u64,
+    /// The destination's IP, the only one served.
+    pub peer: String,
 }
 
 /// A checkpoint arranged in the archive layout in `dir`.
@@ -201,11 +213,16 @@ pub async fn take(
         },
         volumes: volumes.clone(),
         page_server: match &want.lazy {
-            Some((listen, _)) => listen.clone(),
+            Some(l) => l.listen.clone(),
             None => want.page_server.clone().unwrap_or_default(),
         },
         lazy: want.lazy.is_some(),
-        lazy_connect_timeout: want.lazy.as_ref().map(|l| l.1).unwrap_or(0),
+        lazy_connect_timeout: want.lazy.as_ref().map(|l| l.timeout).unwrap_or(0),
+        lazy_peer: want
+            .lazy
+            .as_ref()
+            .map(|l| l.peer.clone())
+            .unwrap_or_default(),
         ..Default::default()
     };
     progress.phase("checkpoint", 0);

@@ -309,8 +309,13 @@ async fn lazy_migrate(
     let mut sock = connect(&args.to)?;
     cd.container(&id).await?;
     let work = checkpoint::work_dir(work_root, &id)?;
+    // Served to the destination alone: the address it is reached at.
     let want = CheckpointWant {
-        lazy: Some((format!("0.0.0.0:{port}"), timeout)),
+        lazy: Some(checkpoint::Lazy {
+            listen: format!("0.0.0.0:{port}"),
+            timeout,
+            peer: sock.peer_addr()?.ip().to_string(),
+        }),
         ..args.checkpoint.clone()
     };
     let taken = match checkpoint::take(cd, &id, &want, &work, progress).await {

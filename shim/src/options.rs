@@ -188,6 +188,10 @@ pub struct CheckpointOptions {
     /// This shim's extension (field 1004): how long a lazy checkpoint's page
     /// server waits for the destination, in seconds (0: [`DEFAULT_LAZY_CONNECT_TIMEOUT`]).
     pub lazy_connect_timeout: u64,
+    /// This shim's extension (field 1005): the IP address the destination
+    /// connects from. A lazy checkpoint's page server serves the pages to
+    /// that peer only (empty: to the first that connects).
+    pub lazy_peer: String,
     /// Whether the request carried options at all. containerd's CRI sends
     /// none for a runtime not named runc; `ctr` always sends them.
     pub given: bool,
@@ -211,6 +215,7 @@ impl Default for CheckpointOptions {
             page_server: String::new(),
             lazy: false,
             lazy_connect_timeout: 0,
+            lazy_peer: String::new(),
             given: false,
         }
     }
@@ -232,6 +237,14 @@ impl CheckpointOptions {
                 let lazy = extension_varint(&o, LAZY_FIELD)?.is_some_and(|v| v != 0);
                 let lazy_connect_timeout =
                     extension_varint(&o, LAZY_CONNECT_TIMEOUT_FIELD)?.unwrap_or(0);
+                let lazy_peer = extension_strings(&o, LAZY_PEER_FIELD, "checkpoint")?
+                    .pop()
+                    .unwrap_or_default();
+                if !lazy_peer.is_empty() && lazy_peer.parse::<std::net::IpAddr>().is_err() {
+                    return Err(Error::InvalidArgument(format!(
+                        "lazy peer {lazy_peer:?} is not an IP address (field {LAZY_PEER_FIELD})"
+                    )));
+                }
                 if lazy && page_server.is_empty() {
                     return Err(Error::InvalidArgument(
                         "a lazy checkpoint needs the page server's ADDRESS:PORT (field 1002)"
@@ -258,6 +271,7 @@ impl CheckpointOptions {
                     page_server,
                     lazy,
                     lazy_connect_timeout,
+                    lazy_peer,
                     work_path: o.work_path,
                     given: true,
                 })
@@ -278,6 +292,8 @@ pub const PAGE_SERVER_FIELD: u32 = 1002;
 pub const LAZY_FIELD: u32 = 1003;
 /// The field number of [`CheckpointOptions::lazy_connect_timeout`].
 pub const LAZY_CONNECT_TIMEOUT_FIELD: u32 = 1004;
+/// The field number of [`CheckpointOptions::lazy_peer`].
+pub const LAZY_PEER_FIELD: u32 = 1005;
 /// The field number of [`RuntimeOptions::lazy_pages_from`] in `containerd.runc.v1.Options`.
 pub const LAZY_PAGES_FROM_FIELD: u32 = 1001;
 /// How long a lazy checkpoint's page server waits for the destination.
@@ -457,6 +473,72 @@ mod tests {
             ..Default::default()
         }))
         .is_err());
+    }
+
+    #[test]
+    fn lazy_rides_in_extension_fields_1002_to_1005() {
+        let base = ProtoCheckpointOptions::default().write_to_bytes().unwrap();
+        let field = |n: u32, wire: u32| {
+            let mut key = Vec::new();
+            let mut k = (n << 3 | wire) as u64;
+            while k >= 0x80 {
+                key.push((k as u8) | 0x80);
+                k >>= 7;
+            }
+            key.push(k as u8);
+            key
+        };
+        let string = |n: u32, v: &str| {
+            let mut b = field(n, 2);
+            b.push(v.len() as u8);
+            b.extend_from_slice(v.as_bytes());
+            b
+        };
+        let varint = |n: u32, v: u8| {
+            let mut b = field(n, 0);
+            b.push(v);
+            b
+        };
+        let decode = |extra: &[Vec<u8>]| {
+            let mut value = base.clone();
+            for e in extra {
+                value.extend_from_slice(e);
+            }
+            CheckpointOptions::from_any(Some(&Any {
+                type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                value,
+                ..Default::default()
+            }))
+        };
+        let o = decode(&[
+            string(PAGE_SERVER_FIELD, "0.0.0.0:7073"),
+            varint(LAZY_FIELD, 1),
+            varint(LAZY_CONNECT_TIMEOUT_FIELD, 5),
+            string(LAZY_PEER_FIELD, "10.0.0.2"),
+        ])
+        .unwrap();
+        assert!(o.lazy);
+        assert_eq!(o.lazy_connect_timeout, 5);
+        assert_eq!(o.lazy_peer, "10.0.0.2");
+        // Lazy needs a page server; a peer must be an IP; a flag must be a number.
+        assert!(decode(&[varint(LAZY_FIELD, 1)]).is_err());
+        assert!(decode(&[
+            string(PAGE_SERVER_FIELD, "0.0.0.0:7073"),
+            varint(LAZY_FIELD, 1),
+            string(LAZY_PEER_FIELD, "somewhere")
+        ])
+        .is_err());
+        assert!(decode(&[string(LAZY_FIELD, "yes")]).is_err());
+        // The destination's side: field 1001 of runc's Options.
+        let mut value = ProtoOptions::default().write_to_bytes().unwrap();
+        value.extend_from_slice(&string(LAZY_PAGES_FROM_FIELD, "10.0.0.1:7073"));
+        let r = RuntimeOptions::from_any(Some(&Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value,
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(r.lazy_pages_from, "10.0.0.1:7073");
     }
 
     #[test]

@@ -145,14 +145,28 @@ impl PageRelay {
     /// has every page. On any failure `abort` (which kills CRIU) runs before
     /// CRIU's connection is closed, so that CRIU never takes the failure for
     /// the end of the transfer and kills the tasks.
+    ///
+    /// Only `peer` (when given) is served: a connection from anywhere else is closed, and the
+    /// wait goes on.
     pub async fn serve(
         self,
+        peer: Option<std::net::IpAddr>,
         connect_timeout: Duration,
         transfer_timeout: Duration,
         abort: impl Fn(),
     ) -> Result<Transfer> {
         let t0 = Instant::now();
-        let accepted = tokio::time::timeout(connect_timeout, self.listener.accept()).await;
+        let accepted = tokio::time::timeout(connect_timeout, async {
+            loop {
+                match self.listener.accept().await {
+                    Ok((_, from)) if peer.is_some_and(|p| p != from.ip()) => {
+                        warn!("lazy pages: refused a connection from {from} (not the destination)");
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await;
         drop(self.listener);
         let (dest, peer) = match accepted {
             Ok(Ok(c)) => c,
@@ -636,9 +650,12 @@ mod tests {
         let flag = aborted.clone();
         let serve = tokio::spawn(async move {
             relay
-                .serve(Duration::from_secs(5), Duration::from_secs(5), move || {
-                    flag.store(true, Ordering::SeqCst)
-                })
+                .serve(
+                    None,
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    move || flag.store(true, Ordering::SeqCst),
+                )
                 .await
         });
         let mut dest = TcpStream::connect(public).await.unwrap();
@@ -664,9 +681,12 @@ mod tests {
         let flag = aborted.clone();
         let serve = tokio::spawn(async move {
             relay
-                .serve(Duration::from_secs(5), Duration::from_secs(5), move || {
-                    flag.store(true, Ordering::SeqCst)
-                })
+                .serve(
+                    None,
+                    Duration::from_secs(5),
+                    Duration::from_secs(5),
+                    move || flag.store(true, Ordering::SeqCst),
+                )
                 .await
         });
         let mut dest = TcpStream::connect(public).await.unwrap();
@@ -693,6 +713,7 @@ mod tests {
         let flag = aborted.clone();
         let err = relay
             .serve(
+                None,
                 Duration::from_millis(50),
                 Duration::from_secs(5),
                 move || flag.store(true, Ordering::SeqCst),
@@ -701,6 +722,29 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
         assert!(aborted.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn only_the_destination_is_served() {
+        let (relay, public, aborted, _fake) = relay_and_criu().await;
+        let flag = aborted.clone();
+        // The destination is 127.0.0.2: a connection from 127.0.0.1 is closed unserved.
+        let serve = tokio::spawn(async move {
+            relay
+                .serve(
+                    Some("127.0.0.2".parse().unwrap()),
+                    Duration::from_millis(300),
+                    Duration::from_secs(5),
+                    move || flag.store(true, Ordering::SeqCst),
+                )
+                .await
+        });
+        let mut intruder = TcpStream::connect(public).await.unwrap();
+        let _ = intruder.write_all(&iov(7)).await;
+        let mut b = [0u8; 1];
+        assert_eq!(intruder.read(&mut b).await.unwrap_or(0), 0, "served a page");
+        let err = serve.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
     }
 
     #[test]

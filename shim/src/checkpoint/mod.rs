@@ -505,6 +505,7 @@ async fn lazy_dump(
             lazy: None,
             ..metadata.clone()
         },
+        peer: opts.lazy_peer.parse().ok(),
         connect_timeout: match opts.lazy_connect_timeout {
             0 => crate::options::DEFAULT_LAZY_CONNECT_TIMEOUT,
             s => Duration::from_secs(s),
@@ -545,6 +546,7 @@ pub struct LazyRest {
     relay: Option<lazy::PageRelay>,
     guard: Option<FreezeGuard>,
     metadata: Metadata,
+    peer: Option<std::net::IpAddr>,
     connect_timeout: Duration,
     transfer_timeout: Duration,
     work: PathBuf,
@@ -560,7 +562,12 @@ impl LazyRest {
         };
         let dump = &self.dump;
         let served = relay
-            .serve(self.connect_timeout, self.transfer_timeout, || dump.kill())
+            .serve(
+                self.peer,
+                self.connect_timeout,
+                self.transfer_timeout,
+                || dump.kill(),
+            )
             .await;
         let (transfer, result) = match served {
             Ok(transfer) => match self.dump.wait().await {
