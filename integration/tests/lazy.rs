@@ -226,6 +226,8 @@ fn interrupted(h: &TwoHosts, id: &str, interrupt: &dyn Fn(&TwoHosts)) -> std::pr
     h.limit_rate(true, "40mbit");
     let mig = migrate_lazy(h, id, &[]);
     poll(format!("{id} running on B"), T, || memhog(&h.b, id));
+    // Memory and files describe one instant: the source stays frozen while its pages go.
+    assert_eq!(freezer_state(&h.a, id).as_deref(), Some("FROZEN"));
     interrupt(h);
     let out = mig.wait(T);
     let _ = receiver.wait(T);
@@ -292,6 +294,30 @@ fn lazy_destination_task_killed_mid_transfer_resumes_the_source() {
     let out = interrupted(&h, id, &|h| h.b.kill(id, "SIGKILL"));
     assert!(!out.status.success(), "migrate --lazy: {}", show(&out));
     h.b.wait_task_status(id, "STOPPED", T);
+    assert_source_runs_on(&h, id);
+    assert_no_criu(&h);
+}
+
+#[test]
+fn a_paused_source_stays_paused_when_a_lazy_move_fails() {
+    let _ = migrate_binary();
+    let h = TwoHosts::start();
+    let id = "lazy-paused";
+    start(&h, id, 32);
+    h.a.ctr_ok(["tasks", "pause", id]);
+    let receiver = h.receiver(&[]);
+    let out = migrate_lazy(
+        &h,
+        id,
+        &["--lazy-timeout", "2", "--volume-map", "/data=/not-allowed"],
+    )
+    .wait(T);
+    assert!(!out.status.success(), "migrate --lazy: {}", show(&out));
+    let _ = receiver.wait(T);
+    // CRIU thawed the cgroup it seized; the shim froze it again.
+    assert_eq!(h.a.task(id).map(|t| t.status).as_deref(), Some("PAUSED"));
+    assert_eq!(freezer_state(&h.a, id).as_deref(), Some("FROZEN"));
+    h.a.ctr_ok(["tasks", "resume", id]);
     assert_source_runs_on(&h, id);
     assert_no_criu(&h);
 }

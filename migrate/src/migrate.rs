@@ -340,8 +340,16 @@ async fn lazy_migrate(
     // Whatever the destination said, the shim's page server decides the source's fate.
     progress.phase("lazy pages", 0);
     let outcome = lazy_outcome(&taken.dir, Duration::from_secs(timeout)).await;
-    let reply = match (handed, outcome) {
+    let (reply, record) = match (handed, outcome) {
         (Ok(reply), Ok(record)) => (reply, record),
+        // Every page arrived and the source let go: the destination runs, whatever its
+        // receiver said (a reply lost on the way).
+        (Err(e), Ok(record)) => {
+            progress.note(&format!(
+                "the destination's reply was lost ({e:#}), but it pulled every page: it runs there"
+            ));
+            (Reply::default(), record)
+        }
         (handed, outcome) => {
             let _ = std::fs::remove_dir_all(&work);
             let dest = match &handed {
@@ -361,7 +369,6 @@ async fn lazy_migrate(
             bail!("lazy migration failed: {dest}; {here}");
         }
     };
-    let (reply, record) = reply;
     progress.phase("remove source", 0);
     let removed = cd.remove_container(&id).await;
     let _ = std::fs::remove_dir_all(&work);

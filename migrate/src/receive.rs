@@ -132,7 +132,10 @@ async fn receive_into(
 ) -> Result<(restore::Restored, u64)> {
     // Lazy: the pages come from the source's page server, at the address it reached us from.
     let lazy_from = match header.lazy_port {
-        Some(port) => Some(format!("{}:{port}", reader.get_ref().peer_addr()?.ip())),
+        Some(port) => Some(
+            std::net::SocketAddr::new(reader.get_ref().peer_addr()?.ip().to_canonical(), port)
+                .to_string(),
+        ),
         None => None,
     };
     let (unpacked, bytes) = match header.via {

@@ -251,6 +251,13 @@ impl CheckpointOptions {
                             .into(),
                     ));
                 }
+                if lazy && o.open_tcp {
+                    return Err(Error::InvalidArgument(
+                        "a lazy checkpoint cannot keep established TCP connections: \
+                         `open_tcp` is not given with it"
+                            .into(),
+                    ));
+                }
                 if lazy && o.exit {
                     return Err(Error::InvalidArgument(
                         "a lazy checkpoint exits once the destination has the pages; \

@@ -127,7 +127,9 @@ impl Bench<'_> {
             }
             let r = &self.res;
             let cu = Runtime::Custom;
-            if let (Some(lazy), Some(full)) = (
+            // The goal is set where memory dominates the downtime (1 GiB and up).
+            if let (true, Some(lazy), Some(full)) = (
+                mib >= 1024,
                 r.median(&format!("mig_lazy_down_{mib}"), cu),
                 r.median(&format!("mig_down_{mib}"), cu),
             ) {

@@ -27,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
-        atomic::{AtomicI32, Ordering},
+        atomic::{AtomicBool, AtomicI32, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -105,6 +105,9 @@ pub struct Transfer {
 pub struct PageRelay {
     listener: TcpListener,
     criu_port: u16,
+    /// The relay's one connection to CRIU's page server, made as soon as CRIU is ready (CRIU
+    /// accepts exactly one, and no one else may take it).
+    criu: Option<TcpStream>,
 }
 
 impl PageRelay {
@@ -124,6 +127,7 @@ impl PageRelay {
         Ok(Self {
             listener,
             criu_port,
+            criu: None,
         })
     }
 
@@ -133,28 +137,50 @@ impl PageRelay {
         format!("127.0.0.1:{}", self.criu_port)
     }
 
-    /// Writes the CRIU config of the dump into `work`.
+    /// Writes the CRIU config of the dump into `work`: its page server on loopback, and the
+    /// network lock the shim knows how to remove should CRIU be stopped.
     pub fn write_config(&self, work: &Path) -> Result<PathBuf> {
         let path = work.join(DUMP_CONFIG);
-        std::fs::write(&path, "address 127.0.0.1\n")
+        std::fs::write(&path, "address 127.0.0.1\nnetwork-lock iptables\n")
             .map_err(Error::io(format!("write {}", path.display())))?;
         Ok(path)
     }
 
+    /// Takes CRIU's one connection, once it is ready. Closed abortively (SO_LINGER 0): if the
+    /// shim dies, CRIU reads a reset, not the end of a transfer, and lets the tasks go alive.
+    pub async fn connect_criu(&mut self) -> Result<()> {
+        let s = TcpStream::connect(("127.0.0.1", self.criu_port))
+            .await
+            .map_err(Error::io("connect to CRIU's page server"))?;
+        reset_on_close(s.as_raw_fd());
+        self.criu = Some(s);
+        Ok(())
+    }
+
     /// Relays one destination to CRIU's page server until the destination
-    /// has every page. On any failure `abort` (which kills CRIU) runs before
-    /// CRIU's connection is closed, so that CRIU never takes the failure for
-    /// the end of the transfer and kills the tasks.
+    /// has every page. Before the destination's close, any failure runs
+    /// `abort` (which kills CRIU) while CRIU's connection is still open, so
+    /// that CRIU never takes the failure for the end of the transfer and
+    /// kills the tasks. After the close CRIU is let finish whatever happens:
+    /// the destination runs with every page.
     ///
     /// Only `peer` (when given) is served: a connection from anywhere else is closed, and the
     /// wait goes on.
+    /// `before_end` runs once the destination closed, before CRIU reads the end it waits for.
     pub async fn serve(
         self,
         peer: Option<std::net::IpAddr>,
         connect_timeout: Duration,
         transfer_timeout: Duration,
         abort: impl Fn(),
+        before_end: impl Fn(),
     ) -> Result<Transfer> {
+        let Some(criu) = self.criu else {
+            abort();
+            return Err(Error::Internal(
+                "the relay has no connection to CRIU".into(),
+            ));
+        };
         let t0 = Instant::now();
         let accepted = tokio::time::timeout(connect_timeout, async {
             loop {
@@ -168,7 +194,7 @@ impl PageRelay {
         })
         .await;
         drop(self.listener);
-        let (dest, peer) = match accepted {
+        let (dest, from) = match accepted {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 abort();
@@ -182,115 +208,158 @@ impl PageRelay {
             }
         };
         let connect_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        info!("lazy pages: destination {peer} connected");
+        info!("lazy pages: destination {from} connected");
         keepalive(&dest);
-        let criu = match TcpStream::connect(("127.0.0.1", self.criu_port)).await {
-            Ok(s) => s,
-            Err(e) => {
-                abort();
-                return Err(Error::io("connect to CRIU's page server")(e));
-            }
-        };
-        let mut transfer = relay(dest, criu, transfer_timeout, || true, abort).await?;
+        let mut transfer = relay_to_criu(dest, criu, transfer_timeout, abort, before_end).await?;
         transfer.connect_ms = connect_ms;
         Ok(transfer)
     }
 }
 
-/// Relays one `criu lazy-pages` daemon (`puller`) to one page server (`server`): requests up,
-/// pages down. The end of the puller's stream reaches the server only after the puller said
-/// `PS_IOV_CLOSE` (it has every page) and `may_close` agreed; on any failure `abort` runs while
-/// the server's connection is still open.
-async fn relay(
-    puller: TcpStream,
-    server: TcpStream,
+/// The command of a page server request.
+fn command(iov: &[u8; IOV_SIZE]) -> u32 {
+    u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) & PS_CMD_MASK
+}
+
+/// The source's relay: the destination's requests up to CRIU, pages down, until the
+/// destination's close, which commits the move (see [`PageRelay::serve`]).
+async fn relay_to_criu(
+    dest: TcpStream,
+    criu: TcpStream,
     transfer_timeout: Duration,
-    may_close: impl Fn() -> bool,
     abort: impl Fn(),
+    before_end: impl Fn(),
 ) -> Result<Transfer> {
-    let _ = puller.set_nodelay(true);
-    let _ = server.set_nodelay(true);
+    let _ = dest.set_nodelay(true);
+    let _ = criu.set_nodelay(true);
     let t1 = Instant::now();
-    let (mut dest_rd, mut dest_wr) = puller.into_split();
-    let (mut criu_rd, mut criu_wr) = server.into_split();
-    // Puller → server: requests, checked for the close that ends the transfer.
+    let closed = AtomicBool::new(false);
+    let (mut dest_rd, mut dest_wr) = dest.into_split();
+    let (mut criu_rd, mut criu_wr) = criu.into_split();
+    // Destination → CRIU: requests, checked for the close that ends the transfer. Once the
+    // close is through, any end of the destination's stream is the end CRIU waits for.
     let up = async {
         let mut iov = [0u8; IOV_SIZE];
-        let mut closed = false;
         loop {
-            match dest_rd.read_exact(&mut iov).await {
+            let read = dest_rd.read_exact(&mut iov).await;
+            if closed.load(Ordering::SeqCst) {
+                if read.is_ok() {
+                    warn!("lazy pages: the destination sent more after its close");
+                }
+                before_end();
+                let _ = criu_wr.shutdown().await;
+                return Ok::<(), String>(());
+            }
+            match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    if closed {
-                        // The server waits for this end before it finishes.
-                        criu_wr.shutdown().await?;
-                    }
-                    return Ok::<bool, std::io::Error>(closed);
+                    return Err(
+                        "the destination closed the connection before it had every page".into(),
+                    )
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(format!("the destination's connection failed: {e}")),
             }
-            let cmd = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]) & PS_CMD_MASK;
+            let cmd = command(&iov);
             if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
-                if !may_close() {
-                    return Err(std::io::Error::other(
-                        "the restored container died before every page arrived",
-                    ));
-                }
-                closed = true;
-            } else if closed {
-                return Err(std::io::Error::other("a request after the close"));
+                closed.store(true, Ordering::SeqCst);
             }
-            criu_wr.write_all(&iov).await?;
+            if let Err(e) = criu_wr.write_all(&iov).await {
+                return Err(format!("CRIU's page server: {e}"));
+            }
         }
     };
-    // Server → puller: pages, counted.
+    // CRIU → destination: pages, counted; after the close, CRIU's answer is passed on if it
+    // can be, and CRIU is read to its end.
     let down = async {
         let mut buf = vec![0u8; 256 * 1024];
         let mut n_total = 0u64;
+        let mut dest_gone = false;
         loop {
-            let n = criu_rd.read(&mut buf).await?;
+            let n = match criu_rd.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => return Err(format!("CRIU's page server: {e}")),
+            };
             if n == 0 {
                 let _ = dest_wr.shutdown().await;
-                return Ok::<u64, std::io::Error>(n_total);
+                return match closed.load(Ordering::SeqCst) {
+                    true => Ok(n_total),
+                    false => Err("CRIU's page server closed the connection".into()),
+                };
             }
-            dest_wr.write_all(&buf[..n]).await?;
-            n_total += n as u64;
+            if !dest_gone {
+                match dest_wr.write_all(&buf[..n]).await {
+                    Ok(()) => n_total += n as u64,
+                    Err(_) if closed.load(Ordering::SeqCst) => dest_gone = true,
+                    Err(e) => return Err(format!("sending pages to the destination failed: {e}")),
+                }
+            }
         }
     };
     tokio::pin!(up);
     tokio::pin!(down);
-    let relayed = tokio::time::timeout(transfer_timeout, async {
+    let ended = async {
         tokio::select! {
             r = &mut up => match r {
-                // Every page is there: the server may see the end.
-                Ok(true) => Ok(down.await.unwrap_or(0)),
-                Ok(false) => Err("the destination closed the connection before it had every page".to_string()),
-                Err(e) => Err(format!("the destination's connection failed: {e}")),
+                // The close went through and CRIU got its end: it answers, then finishes.
+                Ok(()) => (&mut down).await,
+                Err(e) => Err(e),
             },
-            r = &mut down => match r {
-                Ok(_) => Err("the page server closed the connection".to_string()),
-                Err(e) => Err(format!("sending pages to the destination failed: {e}")),
-            },
+            // Ok only after the close, when CRIU finished.
+            r = &mut down => r,
         }
-    })
-    .await;
+    };
+    tokio::pin!(ended);
+    // Bounded until the close; after it, CRIU ends on its own (it reads the end it waits for).
+    let deadline = tokio::time::Instant::now() + transfer_timeout;
+    let relayed = tokio::select! {
+        r = &mut ended => r,
+        _ = tokio::time::sleep_until(deadline) => {
+            if closed.load(Ordering::SeqCst) {
+                (&mut ended).await
+            } else {
+                Err(format!("the destination did not take every page within {transfer_timeout:?}"))
+            }
+        }
+    };
     let transfer_ms = t1.elapsed().as_secs_f64() * 1000.0;
     match relayed {
-        Ok(Ok(bytes)) => Ok(Transfer {
+        Ok(bytes) => Ok(Transfer {
             bytes,
             connect_ms: 0.0,
             transfer_ms,
         }),
-        Ok(Err(why)) => {
+        Err(why) if closed.load(Ordering::SeqCst) => {
+            // Committed: the destination has every page; CRIU finishes (and kills the tasks).
+            warn!("lazy pages: after the destination's close: {why}");
+            Ok(Transfer {
+                bytes: 0,
+                connect_ms: 0.0,
+                transfer_ms,
+            })
+        }
+        Err(why) => {
             abort();
             Err(Error::Internal(format!("lazy migration failed: {why}")))
         }
-        Err(_) => {
-            abort();
-            Err(Error::DeadlineExceeded(format!(
-                "the destination did not take every page within {transfer_timeout:?}"
-            )))
-        }
+    }
+}
+
+/// SO_LINGER 0: closing the socket (or the process dying) sends a reset, not an end of stream.
+/// (Linger 0 never blocks the close.)
+fn reset_on_close(fd: std::os::fd::RawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a linger struct of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
     }
 }
 
@@ -381,8 +450,8 @@ async fn run_in_netns(reaper: &Reaper, mut cmd: Command, ns: &File) -> Result<i3
 pub struct LazyDaemon {
     pid: i32,
     exit: tokio::sync::oneshot::Receiver<ExitStatus>,
-    relay: tokio::task::JoinHandle<Result<Transfer>>,
-    /// The restored init, once known: the relay lets the daemon end the transfer only while it
+    relay: tokio::task::JoinHandle<Result<Pulled>>,
+    /// The restored init, once known: the transfer is ended with the source only while it
     /// lives (else the source, told the pages all arrived, would kill the only live copy).
     init: Arc<AtomicI32>,
     pub work: PathBuf,
@@ -445,7 +514,7 @@ impl LazyDaemon {
         let child = cmd.spawn().map_err(Error::io("spawn criu lazy-pages"))?;
         let pid = child.id() as i32;
         let init = Arc::new(AtomicI32::new(0));
-        let relay = tokio::spawn(pull(listener, source, pid, init.clone(), transfer_timeout));
+        let relay = tokio::spawn(pull(listener, source, pid, transfer_timeout));
         let mut daemon = Self {
             pid,
             exit: reaper.claim(pid, started),
@@ -487,9 +556,17 @@ impl LazyDaemon {
         kill_group(self.pid);
     }
 
-    /// The daemon's end: Ok once every page arrived, else why not (its log
-    /// then kept as `keep_log`, when given: the work dir goes).
-    pub async fn wait(self, keep_log: Option<&Path>) -> Result<()> {
+    /// The daemon's end: Ok once every page arrived and the source let go of
+    /// the container, else why not (the daemon's log then kept as `keep_log`,
+    /// when given: the work dir goes).
+    ///
+    /// The daemon's own close of the transfer never reaches the source: the
+    /// daemon sends it on its error paths too. Only once the daemon exited 0
+    /// and the restored init still has its memory does the shim close the
+    /// transfer with the source, whose CRIU then kills the source's
+    /// processes; if the source does not confirm that, this copy is not
+    /// sure to be the only one, and the caller kills it.
+    pub async fn wait(self, keep_log: Option<&Path>) -> Result<Transfer> {
         let mut log = self.work.join(DAEMON_LOG);
         let status = self
             .exit
@@ -501,15 +578,15 @@ impl LazyDaemon {
             Ok(Err(e)) => Err(Error::Internal(format!("lazy pages relay: {e}"))),
             Err(_) => Err(Error::Internal("the lazy pages relay did not end".into())),
         };
-        if status.code == 0 {
-            if let Ok(t) = &relayed {
-                info!("lazy pages: {} bytes in {:.0} ms", t.bytes, t.transfer_ms);
-            }
-            return Ok(());
-        }
-        let why = match relayed {
-            Err(e) => e.to_string(),
-            Ok(_) => std::fs::read_to_string(&log)
+        let init = self.init.load(Ordering::SeqCst);
+        let why = match (status.code, relayed) {
+            (0, Ok(pulled)) if has_memory(init) => match commit(pulled.upstream).await {
+                Ok(()) => return Ok(pulled.transfer),
+                Err(e) => e,
+            },
+            (0, Ok(_)) => "the restored container died before every page arrived".to_string(),
+            (_, Err(e)) => e.to_string(),
+            (_, Ok(_)) => std::fs::read_to_string(&log)
                 .ok()
                 .and_then(|t| super::criu_error_line(&t))
                 .unwrap_or_default(),
@@ -522,7 +599,7 @@ impl LazyDaemon {
         Err(Error::Criu {
             action: "lazy-pages",
             message: format!(
-                "the lazy-pages daemon exited with status {} before every page arrived: {why}",
+                "the lazy-pages daemon exited with status {}; the transfer did not end: {why}",
                 status.code
             ),
             log,
@@ -537,15 +614,49 @@ fn kill_group(pid: i32) {
     );
 }
 
+/// What the destination's relay leaves once its daemon closed the transfer: the connection to
+/// the source, still open (the source waits for the close).
+pub struct Pulled {
+    upstream: TcpStream,
+    transfer: Transfer,
+}
+
+/// Closes the transfer with the source: its CRIU answers, then kills the source's processes
+/// once it reads the end of the stream.
+async fn commit(mut upstream: TcpStream) -> std::result::Result<(), String> {
+    let mut close = [0u8; IOV_SIZE];
+    close[..4].copy_from_slice(&PS_IOV_CLOSE.to_le_bytes());
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        upstream.write_all(&close).await?;
+        let mut status = [0u8; 4];
+        upstream.read_exact(&mut status).await?;
+        upstream.shutdown().await?;
+        Ok::<i32, std::io::Error>(i32::from_le_bytes(status))
+    })
+    .await;
+    match answered {
+        Ok(Ok(0)) => Ok(()),
+        Ok(Ok(s)) => Err(format!(
+            "the source's page server answered the close with {s}"
+        )),
+        Ok(Err(e)) => Err(format!(
+            "the source did not confirm the end of the transfer: {e}"
+        )),
+        Err(_) => Err("the source did not confirm the end of the transfer within 30 s".into()),
+    }
+}
+
 /// The destination's relay: the daemon's one connection to the source's page server, through
-/// the shim. A daemon that never connects, or a source that cannot be reached, kills the daemon.
+/// the shim, until the daemon closes it (answered here, not passed on: see
+/// [`LazyDaemon::wait`]). A daemon that never connects, a source that cannot be reached or goes
+/// away, kills the daemon; the connection to the source then closes without the close, and the
+/// source resumes.
 async fn pull(
     listener: TcpListener,
     source: SocketAddr,
     daemon: i32,
-    init: Arc<AtomicI32>,
     transfer_timeout: Duration,
-) -> Result<Transfer> {
+) -> Result<Pulled> {
     let abort = move || kill_group(daemon);
     let puller = match tokio::time::timeout(Duration::from_secs(120), listener.accept()).await {
         Ok(Ok((s, _))) => s,
@@ -578,15 +689,86 @@ async fn pull(
             }
         };
     keepalive(&server);
+    let _ = puller.set_nodelay(true);
+    let _ = server.set_nodelay(true);
     info!("lazy pages: pulling from {source}");
-    relay(
-        puller,
-        server,
-        transfer_timeout,
-        || has_memory(init.load(Ordering::SeqCst)),
-        abort,
-    )
-    .await
+    let t0 = Instant::now();
+    let (mut daemon_rd, mut daemon_wr) = puller.into_split();
+    let (mut source_rd, mut source_wr) = server.into_split();
+    let counted = std::sync::atomic::AtomicU64::new(0);
+    let relayed = tokio::time::timeout(transfer_timeout, async {
+        // Daemon → source: requests, up to the daemon's close.
+        let up = async {
+            let mut iov = [0u8; IOV_SIZE];
+            loop {
+                daemon_rd
+                    .read_exact(&mut iov)
+                    .await
+                    .map_err(|e| format!("the lazy-pages daemon's connection: {e}"))?;
+                let cmd = command(&iov);
+                if cmd == PS_IOV_CLOSE || cmd == PS_IOV_FORCE_CLOSE {
+                    return Ok::<(), String>(());
+                }
+                source_wr
+                    .write_all(&iov)
+                    .await
+                    .map_err(|e| format!("the source's page server: {e}"))?;
+            }
+        };
+        // Source → daemon: pages, counted.
+        let down = async {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut n_total = 0u64;
+            loop {
+                let n = source_rd
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("the source's page server: {e}"))?;
+                if n == 0 {
+                    return Err::<(), String>("the source's page server went away".into());
+                }
+                daemon_wr
+                    .write_all(&buf[..n])
+                    .await
+                    .map_err(|e| format!("the lazy-pages daemon's connection: {e}"))?;
+                n_total += n as u64;
+                counted.store(n_total, Ordering::Relaxed);
+            }
+        };
+        tokio::select! {
+            r = up => r,
+            r = down => r,
+        }
+    })
+    .await;
+    match relayed {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            abort();
+            return Err(Error::Internal(format!("lazy pages: {why}")));
+        }
+        Err(_) => {
+            abort();
+            return Err(Error::DeadlineExceeded(format!(
+                "the pages did not all arrive within {transfer_timeout:?}"
+            )));
+        }
+    }
+    // The daemon's close, answered here: it finishes, and closes its end.
+    let _ = daemon_wr.write_all(&0i32.to_le_bytes()).await;
+    let mut rest = [0u8; 1];
+    let _ = tokio::time::timeout(Duration::from_secs(10), daemon_rd.read(&mut rest)).await;
+    let upstream = source_rd
+        .reunite(source_wr)
+        .map_err(|e| Error::Internal(format!("lazy pages relay: {e}")))?;
+    Ok(Pulled {
+        upstream,
+        transfer: Transfer {
+            bytes: counted.load(Ordering::Relaxed),
+            connect_ms: 0.0,
+            transfer_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        },
+    })
 }
 
 /// Whether `pid` runs with its memory (a process that exited, or is exiting, has none).
@@ -601,7 +783,6 @@ fn has_memory(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
 
     fn iov(cmd: u32) -> [u8; IOV_SIZE] {
         let mut b = [0u8; IOV_SIZE];
@@ -609,16 +790,16 @@ mod tests {
         b
     }
 
-    /// A relay on a free port, with a fake CRIU page server on its loopback port: the fake
-    /// answers each request with 4 KiB, the close with a status word, and reports whether the
-    /// relay had called `abort` when it saw the end of the destination's stream.
+    /// A relay on a free port, connected to a fake CRIU page server on its loopback port: the
+    /// fake answers each request with 4 KiB, the close with a status word, and reports whether
+    /// the relay had called `abort` when it saw the end of the destination's stream.
     async fn relay_and_criu() -> (
         PageRelay,
         SocketAddr,
         Arc<AtomicBool>,
         tokio::task::JoinHandle<bool>,
     ) {
-        let relay = PageRelay::bind("127.0.0.1:0").await.unwrap();
+        let mut relay = PageRelay::bind("127.0.0.1:0").await.unwrap();
         let public = relay.listener.local_addr().unwrap();
         let criu = TcpListener::bind(("127.0.0.1", relay.criu_port))
             .await
@@ -633,31 +814,39 @@ mod tests {
                     // The end of the destination's stream: was CRIU killed before it?
                     return seen.load(Ordering::SeqCst);
                 }
-                let cmd = u32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-                if cmd == PS_IOV_CLOSE {
+                if command(&req) == PS_IOV_CLOSE {
                     s.write_all(&0i32.to_le_bytes()).await.unwrap();
                 } else {
                     s.write_all(&[7u8; 4096]).await.unwrap();
                 }
             }
         });
+        relay.connect_criu().await.unwrap();
         (relay, public, aborted, fake)
     }
 
-    #[tokio::test]
-    async fn the_end_reaches_criu_only_after_the_destination_closed() {
-        let (relay, public, aborted, fake) = relay_and_criu().await;
+    fn serving(
+        relay: PageRelay,
+        aborted: &Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<Result<Transfer>> {
         let flag = aborted.clone();
-        let serve = tokio::spawn(async move {
+        tokio::spawn(async move {
             relay
                 .serve(
                     None,
                     Duration::from_secs(5),
                     Duration::from_secs(5),
                     move || flag.store(true, Ordering::SeqCst),
+                    || {},
                 )
                 .await
-        });
+        })
+    }
+
+    #[tokio::test]
+    async fn the_end_reaches_criu_only_after_the_destination_closed() {
+        let (relay, public, aborted, fake) = relay_and_criu().await;
+        let serve = serving(relay, &aborted);
         let mut dest = TcpStream::connect(public).await.unwrap();
         dest.write_all(&iov(7)).await.unwrap();
         let mut page = vec![0u8; 4096];
@@ -676,19 +865,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_the_close_criu_is_let_finish_whatever_happens() {
+        let (relay, public, aborted, fake) = relay_and_criu().await;
+        let serve = serving(relay, &aborted);
+        let dest = std::net::TcpStream::connect(public).unwrap();
+        let mut d = &dest;
+        std::io::Write::write_all(&mut d, &iov(PS_IOV_CLOSE)).unwrap();
+        // Gone with a reset, without reading CRIU's answer: the destination has every page.
+        reset_on_close(dest.as_raw_fd());
+        drop(dest);
+        serve.await.unwrap().unwrap();
+        assert!(!fake.await.unwrap(), "CRIU was killed after the close");
+        assert!(!aborted.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
     async fn a_destination_gone_before_the_close_kills_criu_first() {
         let (relay, public, aborted, fake) = relay_and_criu().await;
-        let flag = aborted.clone();
-        let serve = tokio::spawn(async move {
-            relay
-                .serve(
-                    None,
-                    Duration::from_secs(5),
-                    Duration::from_secs(5),
-                    move || flag.store(true, Ordering::SeqCst),
-                )
-                .await
-        });
+        let serve = serving(relay, &aborted);
         let mut dest = TcpStream::connect(public).await.unwrap();
         dest.write_all(&iov(7)).await.unwrap();
         let mut page = vec![0u8; 4096];
@@ -717,11 +911,60 @@ mod tests {
                 Duration::from_millis(50),
                 Duration::from_secs(5),
                 move || flag.store(true, Ordering::SeqCst),
+                || {},
             )
             .await
             .unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
         assert!(aborted.load(Ordering::SeqCst));
+    }
+
+    /// The destination's side: the daemon's close is answered by the shim and never reaches the
+    /// source; the source gets the close only from [`commit`].
+    #[tokio::test]
+    async fn the_daemons_close_is_kept_from_the_source_until_commit() {
+        let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let source_addr = source.local_addr().unwrap();
+        let fake_source = tokio::spawn(async move {
+            let (mut s, _) = source.accept().await.unwrap();
+            let mut req = [0u8; IOV_SIZE];
+            let mut commands = Vec::new();
+            while s.read_exact(&mut req).await.is_ok() {
+                commands.push(command(&req));
+                if command(&req) == PS_IOV_CLOSE {
+                    s.write_all(&0i32.to_le_bytes()).await.unwrap();
+                } else {
+                    s.write_all(&[9u8; 4096]).await.unwrap();
+                }
+            }
+            commands
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let daemon_addr = listener.local_addr().unwrap();
+        // No daemon process: the pid is one no process has (pull kills it only on failure).
+        let pulling = tokio::spawn(pull(
+            listener,
+            source_addr,
+            i32::MAX,
+            Duration::from_secs(5),
+        ));
+        let mut daemon = TcpStream::connect(daemon_addr).await.unwrap();
+        daemon.write_all(&iov(7)).await.unwrap();
+        let mut page = vec![0u8; 4096];
+        daemon.read_exact(&mut page).await.unwrap();
+        daemon.write_all(&iov(PS_IOV_CLOSE)).await.unwrap();
+        let mut status = [1u8; 4];
+        daemon.read_exact(&mut status).await.unwrap();
+        assert_eq!(
+            i32::from_le_bytes(status),
+            0,
+            "the shim answers the daemon's close"
+        );
+        drop(daemon);
+        let pulled = pulling.await.unwrap().unwrap();
+        assert_eq!(pulled.transfer.bytes, 4096);
+        commit(pulled.upstream).await.unwrap();
+        assert_eq!(fake_source.await.unwrap(), vec![7, PS_IOV_CLOSE]);
     }
 
     #[tokio::test]
@@ -736,6 +979,7 @@ mod tests {
                     Duration::from_millis(300),
                     Duration::from_secs(5),
                     move || flag.store(true, Ordering::SeqCst),
+                    || {},
                 )
                 .await
         });

@@ -335,9 +335,9 @@ async fn bracket(
     };
     let freezer = t.freezer()?;
     // Frozen already (paused, or by someone else): it stays as it is.
-    let freeze = status == Status::Running
-        && !crate::test_hooks::no_freeze(t.bundle)
-        && !freezer.is_frozen()?;
+    let frozen_before = status == Status::Paused || freezer.is_frozen()?;
+    let freeze =
+        status == Status::Running && !crate::test_hooks::no_freeze(t.bundle) && !frozen_before;
     caller.check("the checkpoint")?;
     let mut guard = Some(if freeze {
         let t0 = Instant::now();
@@ -422,7 +422,16 @@ async fn bracket(
     };
     if let Some(relay) = relay {
         return lazy_dump(
-            t, image, work, criu, relay, opts, guard, metadata, phases, started,
+            t,
+            image,
+            work,
+            criu,
+            relay,
+            opts,
+            (guard, frozen_before),
+            metadata,
+            phases,
+            started,
         )
         .await
         .map(Some);
@@ -460,7 +469,7 @@ async fn lazy_dump(
     mut criu: CheckpointOpts,
     relay: lazy::PageRelay,
     opts: &CheckpointOptions,
-    guard: Option<FreezeGuard>,
+    (guard, frozen_before): (Option<FreezeGuard>, bool),
     mut metadata: Metadata,
     mut phases: Phases,
     started: Instant,
@@ -469,10 +478,19 @@ async fn lazy_dump(
     criu.leave_running = false;
     criu.page_server = Some(relay.criu_page_server());
     let config = relay.write_config(work)?;
+    let mut relay = relay;
     let mut dump = t.runc.checkpoint_lazy(t.id, &criu, &config)?;
     let ready = tokio::time::timeout(t.runc.criu_timeout, dump.ready()).await;
     let failed = match ready {
-        Ok(Ok(true)) => None,
+        // CRIU's one connection is taken at once: nobody else gets at the pages.
+        Ok(Ok(true)) => match relay.connect_criu().await {
+            Ok(()) => None,
+            Err(e) => {
+                dump.kill();
+                let _ = dump.wait().await;
+                Some(e)
+            }
+        },
         Ok(Ok(false)) => Some(match dump.wait().await {
             Err(e) => criu_failure("dump", e, work, DUMP_LOG, t.bundle),
             Ok(()) => Error::Internal("runc checkpoint ended without saying ready".into()),
@@ -512,6 +530,8 @@ async fn lazy_dump(
         },
         transfer_timeout: t.runc.criu_timeout,
         work: work.to_path_buf(),
+        frozen_before,
+        freezer: None,
     };
     if let Some(e) = failed {
         // runc and CRIU are gone; CRIU may have locked the network first.
@@ -536,6 +556,12 @@ async fn lazy_dump(
     );
     write_metadata(image, &metadata)?;
     rest.metadata = metadata;
+    // CRIU thawed the cgroup once it had the processes stopped: frozen again, it holds anything
+    // that joins it (an exec) until the transfer ends.
+    match t.freezer().and_then(|f| f.freeze().map(|()| f)) {
+        Ok(f) => rest.freezer = Some(f),
+        Err(e) => warn!("container {}: freeze while the pages are served: {e}", t.id),
+    }
     Ok(rest)
 }
 
@@ -550,6 +576,12 @@ pub struct LazyRest {
     connect_timeout: Duration,
     transfer_timeout: Duration,
     work: PathBuf,
+    /// Frozen before (paused by its user): CRIU thawed the cgroup it seized, and a killed CRIU
+    /// does not freeze it again, so the shim does.
+    frozen_before: bool,
+    /// The container's freezer, frozen again once CRIU is ready (CRIU thaws the cgroup once the
+    /// processes are ptrace-stopped: a new exec would run), thawed for CRIU's end.
+    freezer: Option<Freezer>,
 }
 
 impl LazyRest {
@@ -560,13 +592,21 @@ impl LazyRest {
         let Some(relay) = self.relay.take() else {
             return Err(Error::Internal("lazy checkpoint finished twice".into()));
         };
-        let dump = &self.dump;
+        let (dump, freezer) = (&self.dump, &self.freezer);
         let served = relay
             .serve(
                 self.peer,
                 self.connect_timeout,
                 self.transfer_timeout,
                 || dump.kill(),
+                // CRIU kills the (ptrace-stopped) processes and waits for them to die.
+                || {
+                    if let Some(f) = freezer {
+                        if let Err(e) = f.thaw() {
+                            warn!("container {}: thaw for CRIU's end: {e}", t.id);
+                        }
+                    }
+                },
             )
             .await;
         let (transfer, result) = match served {
@@ -634,6 +674,11 @@ impl LazyRest {
                 "container {}: thaw after the failed lazy checkpoint: {th}",
                 t.id
             );
+        }
+        if self.frozen_before {
+            if let Err(f) = t.freezer().and_then(|f| f.freeze()) {
+                warn!("container {}: freeze it again, as it was: {f}", t.id);
+            }
         }
         warn!(
             "container {}: lazy checkpoint failed, the container runs on: {e}",

@@ -203,16 +203,22 @@ impl Container {
         let daemon = if lazy_from.is_empty() {
             None
         } else {
-            Some(
-                LazyDaemon::start(
-                    &self.shared.reaper,
-                    source.images(),
-                    source.work(),
-                    lazy_from,
-                    self.runc.criu_timeout,
-                )
-                .await?,
+            let started = LazyDaemon::start(
+                &self.shared.reaper,
+                source.images(),
+                source.work(),
+                lazy_from,
+                self.runc.criu_timeout,
             )
+            .await;
+            match started {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    // Kept for a retry of Start, as after a failed restore.
+                    *super::lock(&self.restore) = Some(source);
+                    return Err(e);
+                }
+            }
         };
         let opts = RestoreOpts {
             checkpoint: source.criu_opts(),
@@ -266,23 +272,23 @@ impl Container {
         Ok(pid)
     }
 
-    /// The container runs while its pages arrive. If the daemon fails (the
-    /// source went away) its memory is incomplete: it is killed, and the
+    /// The container runs while its pages arrive. If they do not all
+    /// arrive (the daemon failed, the source went away) its memory is
+    /// incomplete, and if the source does not confirm that it let go, it may
+    /// still run the container: either way this copy is killed, and the
     /// reason is logged and kept in the bundle (`lazy-pages.failed`).
     fn watch_lazy_pages(self: &Arc<Self>, daemon: LazyDaemon, source: RestoreSource, pid: i32) {
         let this = self.clone();
         tokio::spawn(async move {
-            let t0 = Instant::now();
             let keep = this.bundle.join("criu-lazy-pages.log");
             match daemon.wait(Some(&keep)).await {
-                Ok(()) => info!(
-                    "container {}: every lazy page arrived ({:.0} ms after the restore)",
-                    this.id,
-                    t0.elapsed().as_secs_f64() * 1000.0
+                Ok(t) => info!(
+                    "container {}: every lazy page arrived ({} bytes in {:.0} ms); the source let go",
+                    this.id, t.bytes, t.transfer_ms
                 ),
                 Err(e) => {
                     log::error!(
-                        "container {}: its memory did not all arrive; killing it: {e}",
+                        "container {}: its memory did not all arrive, or the source may still run it; killing it: {e}",
                         this.id
                     );
                     let _ = std::fs::write(this.bundle.join("lazy-pages.failed"), e.to_string());
