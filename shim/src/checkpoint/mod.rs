@@ -610,13 +610,31 @@ impl LazyRest {
             )
             .await;
         let (transfer, result) = match served {
-            Ok(transfer) => match self.dump.wait().await {
-                Ok(()) => (transfer, Ok(())),
-                Err(e) => (
-                    transfer,
-                    Err(criu_failure("dump", e, &self.work, DUMP_LOG, t.bundle)),
-                ),
-            },
+            // The destination runs with every page: this copy must not run on, whatever CRIU
+            // does now (it kills the processes; if it fails or hangs, the shim does).
+            Ok(transfer) => {
+                let waited = tokio::time::timeout(self.transfer_timeout, self.dump.wait()).await;
+                if !matches!(waited, Ok(Ok(()))) {
+                    let why = match waited {
+                        Ok(Err(e)) => {
+                            criu_failure("dump", e, &self.work, DUMP_LOG, t.bundle).to_string()
+                        }
+                        _ => format!("CRIU did not end within {:?}", self.transfer_timeout),
+                    };
+                    warn!(
+                        "container {}: the destination has every page, but CRIU did not end the source ({why}); killing it",
+                        t.id
+                    );
+                    self.dump.kill();
+                    if let Some(f) = &self.freezer {
+                        let _ = f.thaw();
+                    }
+                    if let Err(e) = t.runc.kill(t.id, libc::SIGKILL as u32, true).await {
+                        warn!("container {}: kill: {e}", t.id);
+                    }
+                }
+                (transfer, Ok(()))
+            }
             Err(e) => {
                 let _ = self.dump.wait().await;
                 (Default::default(), Err(e))
