@@ -17,38 +17,31 @@ impl Bench<'_> {
         let g = "Kubernetes: containerd's CRI, handlers runc and custom";
         let r = &mut self.res;
         let what = |s: &str| format!("{mib} MiB: {s}");
-        r.declare(
-            "cri_checkpoint",
-            g,
-            "CRI (ms)",
-            &what("CheckpointContainer (archive written)"),
-            "ms",
-            false,
-        );
-        r.declare(
-            "cri_restore_create",
-            g,
-            "CRI (ms)",
-            &what("CreateContainer from the archive"),
-            "ms",
-            false,
-        );
-        r.declare(
-            "cri_restore_start",
-            g,
-            "CRI (ms)",
-            &what("StartContainer (CRIU restore)"),
-            "ms",
-            false,
-        );
-        r.declare(
-            "cri_restore_total",
-            g,
-            "CRI (ms)",
-            &what("restore (CreateContainer + StartContainer)"),
-            "ms",
-            false,
-        );
+        r.group(g)
+            .lower(
+                "cri_checkpoint",
+                "CRI (ms)",
+                what("CheckpointContainer (archive written)"),
+                "ms",
+            )
+            .lower(
+                "cri_restore_create",
+                "CRI (ms)",
+                what("CreateContainer from the archive"),
+                "ms",
+            )
+            .lower(
+                "cri_restore_start",
+                "CRI (ms)",
+                what("StartContainer (CRIU restore)"),
+                "ms",
+            )
+            .lower(
+                "cri_restore_total",
+                "CRI (ms)",
+                what("restore (CreateContainer + StartContainer)"),
+                "ms",
+            );
         let host = CriHost::start();
         for round in 0..rounds {
             log(format!(

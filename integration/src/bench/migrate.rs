@@ -35,46 +35,37 @@ impl Bench<'_> {
         for mib in &sizes {
             let what = |s: &str| format!("{mib} MiB: {s}");
             let r = &mut self.res;
-            r.declare(
-                &format!("mig_down_{mib}"),
-                g,
-                "migration (ms)",
-                &what("downtime (source stops → destination runs)"),
-                "ms",
-                false,
-            );
-            r.declare(
-                &format!("mig_total_{mib}"),
-                g,
-                "migration (ms)",
-                &what("total"),
-                "ms",
-                false,
-            );
-            r.declare(
-                &format!("mig_lazy_down_{mib}"),
-                g,
-                "migration (ms)",
-                &what("lazy: downtime (runs on the destination before its memory arrived)"),
-                "ms",
-                false,
-            );
-            r.declare(
-                &format!("mig_lazy_total_{mib}"),
-                g,
-                "migration (ms)",
-                &what("lazy: total (until the destination has every page)"),
-                "ms",
-                false,
-            );
-            r.declare(
-                &format!("mig_raw_{mib}"),
-                g,
-                "migration (ms)",
-                &what("raw CRIU dump (local disk) + restore"),
-                "ms",
-                false,
-            );
+            r.group(g)
+                .lower(
+                    format!("mig_down_{mib}"),
+                    "migration (ms)",
+                    what("downtime (source stops → destination runs)"),
+                    "ms",
+                )
+                .lower(
+                    format!("mig_total_{mib}"),
+                    "migration (ms)",
+                    what("total"),
+                    "ms",
+                )
+                .lower(
+                    format!("mig_lazy_down_{mib}"),
+                    "migration (ms)",
+                    what("lazy: downtime (runs on the destination before its memory arrived)"),
+                    "ms",
+                )
+                .lower(
+                    format!("mig_lazy_total_{mib}"),
+                    "migration (ms)",
+                    what("lazy: total (until the destination has every page)"),
+                    "ms",
+                )
+                .lower(
+                    format!("mig_raw_{mib}"),
+                    "migration (ms)",
+                    what("raw CRIU dump (local disk) + restore"),
+                    "ms",
+                );
         }
         let h = TwoHosts::start();
         let image = h.publish(&self.cfg.image, BENCH_IMAGE, "shimbench:latest", true);

@@ -52,7 +52,48 @@ pub struct Results {
     pub notes: Vec<(String, String)>,
 }
 
+/// The figures of one group of the report (one table), declared without repeating the group.
+pub struct Group<'r> {
+    res: &'r mut Results,
+    group: &'static str,
+}
+
+impl Group<'_> {
+    /// A figure where lower is better, in `unit`, drawn in the chart's `panel`.
+    pub fn lower(
+        &mut self,
+        key: impl AsRef<str>,
+        panel: &'static str,
+        label: impl AsRef<str>,
+        unit: &'static str,
+    ) -> &mut Self {
+        let g = self.group;
+        self.res
+            .declare(key.as_ref(), g, panel, label.as_ref(), unit, false);
+        self
+    }
+
+    /// A figure where higher is better (a rate).
+    pub fn higher(
+        &mut self,
+        key: impl AsRef<str>,
+        panel: &'static str,
+        label: impl AsRef<str>,
+        unit: &'static str,
+    ) -> &mut Self {
+        let g = self.group;
+        self.res
+            .declare(key.as_ref(), g, panel, label.as_ref(), unit, true);
+        self
+    }
+}
+
 impl Results {
+    /// The figures of `group`, declared in the order they are to be reported.
+    pub fn group(&mut self, group: &'static str) -> Group<'_> {
+        Group { res: self, group }
+    }
+
     /// Declares a figure (the order of declaration is the order of the report).
     pub fn declare(
         &mut self,
