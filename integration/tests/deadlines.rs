@@ -130,8 +130,10 @@ fn checkpoint_deadline_at_every_moment_custom() {
             .unwrap_or_else(|e| panic!("an unhurried checkpoint: {e}"));
         let p = phases(&api, &first);
         eprintln!("phases of an unhurried checkpoint: {p}");
-        let diff_mid = ms(&p, "freeze_ms") + ms(&p, "diff_ms") / 2.0;
-        let dump_mid = ms(&p, "freeze_ms") + ms(&p, "diff_ms") + ms(&p, "dump_ms") / 2.0;
+        // The files are taken in CRIU's stop, at its post-dump action: the diff is the end of
+        // the dump (CRIU then only unlocks the network and lets the processes go).
+        let diff_mid = ms(&p, "dump_ms") - ms(&p, "diff_ms") / 2.0;
+        let dump_mid = (ms(&p, "dump_ms") - ms(&p, "diff_ms")) / 2.0;
         assert!(
             ms(&p, "diff_ms") > 20.0 && ms(&p, "dump_ms") > 20.0,
             "the diff and the dump must take long enough to be hit: {p}"
@@ -139,8 +141,8 @@ fn checkpoint_deadline_at_every_moment_custom() {
 
         for (moment, deadline_ms) in [
             ("before the freeze", 1.0),
-            ("during the rootfs diff", diff_mid),
             ("during the CRIU dump", dump_mid),
+            ("during the rootfs diff, in CRIU's stop", diff_mid),
         ] {
             let deadline = Duration::from_micros((deadline_ms * 1000.0) as u64);
             api.set_timeout(Some(deadline));

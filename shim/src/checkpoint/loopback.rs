@@ -104,6 +104,13 @@ pub fn is_action() -> bool {
 /// CRIU's log (its stderr) then names the cause of a socket that fails.
 pub fn run_action() -> i32 {
     let action = std::env::var("CRTOOLS_SCRIPT_ACTION").unwrap_or_default();
+    if action == "post-dump" {
+        // A dump whose rootfs diff the shim captures in CRIU's stop (`criu_stop`).
+        if let Ok(socket) = std::env::var(super::criu_stop::SOCKET_ENV) {
+            return super::criu_stop::run_action(&socket);
+        }
+        return 0;
+    }
     if action != "setup-namespaces" {
         return 0;
     }

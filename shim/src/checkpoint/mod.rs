@@ -6,6 +6,7 @@
 //! rootfs, runc and init. The container decides when an operation runs (its
 //! lock, its state, an owned task: see `container/checkpoint.rs`).
 
+pub mod criu_stop;
 pub mod layout;
 pub mod lazy;
 pub mod loopback;
@@ -159,6 +160,10 @@ struct Metadata {
     /// False in the record written before the dump, true once CRIU finished
     /// (for a lazy checkpoint: once every image but the pages was written).
     complete: bool,
+    /// Where the rootfs changes and volumes were captured: `criu-post-dump`
+    /// (in CRIU's own stop, its processes seized) or `shim-freeze` (in a
+    /// freeze the shim holds around the whole dump).
+    files_captured_in: &'static str,
     /// A lazy checkpoint's transfer: `serving`, then `complete` (the
     /// container exited) or `failed` (it runs on).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -325,6 +330,14 @@ async fn bracket(
     };
     // Named volumes that are no bind mounts fail the request before any freeze.
     let binds = volumes::select(t.bundle, &opts.volumes)?;
+    // The files in CRIU's own stop: the workload stops no longer than CRIU stops it. Not for a
+    // lazy checkpoint (its freeze outlasts CRIU's stop), nor where the test hook turns the
+    // bracket off (the files are then taken before the dump, unfrozen).
+    if files == FilesBy::Shim && !opts.lazy && !crate::test_hooks::no_freeze(t.bundle) {
+        return dump_at_criu_stop(t, image, work, opts, status, (overlay, binds), caller)
+            .await
+            .map(|()| None);
+    }
     // A lazy checkpoint's listener, bound before anything stops.
     let relay = match opts.lazy {
         true => {
@@ -401,6 +414,10 @@ async fn bracket(
         volumes_left_out: vols.skipped,
         images_bytes: 0,
         complete: false,
+        files_captured_in: match files {
+            FilesBy::Shim => "shim-freeze",
+            FilesBy::ContainerdCri => "none",
+        },
         lazy: None,
     };
     // Before the dump: images of an `exit` checkpoint never lack their flags.
@@ -436,7 +453,7 @@ async fn bracket(
         .await
         .map(Some);
     }
-    if let Err(e) = t.runc.checkpoint(t.id, &criu).await {
+    if let Err(e) = t.runc.checkpoint(t.id, &criu, &[]).await {
         // runc and CRIU are gone (finished or killed): the guard thaws.
         drop(guard);
         return Err(criu_failure("dump", e, work, DUMP_LOG, t.bundle));
@@ -458,6 +475,150 @@ async fn bracket(
         warn!("container {}: final checkpoint record: {e}", t.id);
     }
     Ok(None)
+}
+
+/// The dump with the files captured at CRIU's `post-dump` (see `criu_stop`): runc has CRIU
+/// freeze and seize the processes as the Go shim does; the rootfs diff and the volumes are
+/// taken while CRIU holds them, after their memory and before it lets them go.
+async fn dump_at_criu_stop(
+    t: &Target<'_>,
+    image: &Path,
+    work: &Path,
+    opts: &CheckpointOptions,
+    status: Status,
+    (overlay, binds): (
+        std::result::Result<rootfs_diff::Overlay, String>,
+        Vec<volumes::Bind>,
+    ),
+    caller: &Caller,
+) -> Result<()> {
+    let started = Instant::now();
+    let freezer = t.freezer()?;
+    caller.check("the checkpoint")?;
+    let mut metadata = Metadata {
+        dump_flags: DumpFlags {
+            tcp_established: opts.open_tcp,
+            ext_unix_sk: opts.external_unix_sockets,
+            shell_job: opts.terminal,
+            file_locks: opts.file_locks,
+        },
+        shim_version: env!("CARGO_PKG_VERSION"),
+        criu_version: None,
+        container_id: t.id.to_string(),
+        leave_running: !opts.exit,
+        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
+        frozen_by_shim: false,
+        rootfs_diff_by: FilesBy::Shim,
+        rootfs_diff_skipped: None,
+        rootfs_diff_left_out: Vec::new(),
+        phases: Phases::default(),
+        rootfs_diff_bytes: 0,
+        rootfs_diff_entries: 0,
+        deleted_files: 0,
+        volumes_bytes: 0,
+        volumes_left_out: Vec::new(),
+        images_bytes: 0,
+        complete: false,
+        files_captured_in: "criu-post-dump",
+        lazy: None,
+    };
+    // Before the dump: images of an `exit` checkpoint never lack their flags.
+    write_metadata(image, &metadata)?;
+    let stop = criu_stop::Stop::prepare(work)?;
+    let criu = CheckpointOpts {
+        image_path: image.to_path_buf(),
+        work_path: work.to_path_buf(),
+        parent_path: None,
+        leave_running: !opts.exit,
+        tcp_established: opts.open_tcp,
+        ext_unix_sk: opts.external_unix_sockets,
+        shell_job: opts.terminal,
+        file_locks: opts.file_locks,
+        empty_ns: opts.empty_namespaces.clone(),
+        manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
+    };
+    let (dir, late) = (image.to_path_buf(), caller.clone());
+    let capture = move || {
+        // A caller gone by now: the script fails, and CRIU lets the processes go on.
+        late.check("the checkpoint")?;
+        let t0 = Instant::now();
+        let (diff, skipped) = match overlay {
+            Ok(overlay) => (rootfs_diff::capture(&overlay, &dir)?, None),
+            Err(why) => (DiffStats::default(), Some(why)),
+        };
+        let vols = if binds.is_empty() {
+            DiffStats::default()
+        } else {
+            volumes::capture(&binds, &dir)?
+        };
+        Ok((diff, skipped, vols, ms(t0.elapsed())))
+    };
+    let env = [
+        ("CRIU_CONFIG_FILE", stop.config.as_path()),
+        (criu_stop::SOCKET_ENV, stop.socket.as_path()),
+    ];
+    let t0 = Instant::now();
+    let dump = t.runc.checkpoint(t.id, &criu, &env);
+    let serve = stop.serve(capture);
+    tokio::pin!(dump);
+    tokio::pin!(serve);
+    let mut captured = None;
+    let dumped = loop {
+        tokio::select! {
+            r = &mut dump => break r,
+            c = &mut serve, if captured.is_none() => captured = Some(c),
+        }
+    };
+    let dump_ms = ms(t0.elapsed());
+    let failed = match (dumped, captured) {
+        (Ok(()), Some(Ok(stats))) => Ok(stats),
+        (Ok(()), Some(Err(e))) => Err(e),
+        (Ok(()), None) => Err(Error::Internal(
+            "CRIU did not run the shim's post-dump action: the rootfs changes are not in the checkpoint".into(),
+        )),
+        // The capture's own error says more than CRIU's "post-dump script failed".
+        (Err(_), Some(Err(e))) => Err(e),
+        (Err(e), _) => Err(criu_failure("dump", e, work, DUMP_LOG, t.bundle)),
+    };
+    let (diff, skipped, vols, diff_ms) = match failed {
+        Ok(stats) => stats,
+        Err(e) => {
+            // CRIU let the processes go, or was killed: a cgroup it froze is thawed (a paused
+            // container stays paused).
+            if status == Status::Running && freezer.is_frozen().unwrap_or(false) {
+                if let Err(th) = freezer.thaw() {
+                    warn!("container {}: thaw after the failed dump: {th}", t.id);
+                }
+            }
+            return Err(e);
+        }
+    };
+    metadata.rootfs_diff_skipped = skipped;
+    metadata.rootfs_diff_left_out = diff.skipped.clone();
+    metadata.rootfs_diff_bytes = diff.bytes;
+    metadata.rootfs_diff_entries = diff.entries;
+    metadata.deleted_files = diff.deleted;
+    metadata.volumes_bytes = vols.bytes;
+    metadata.volumes_left_out = vols.skipped;
+    metadata.phases = Phases {
+        freeze_ms: 0.0,
+        diff_ms,
+        dump_ms,
+        thaw_ms: 0.0,
+        total_ms: ms(started.elapsed()),
+    };
+    metadata.criu_version = criu_version(&work.join(DUMP_LOG));
+    metadata.images_bytes = dir_size(image);
+    metadata.complete = true;
+    info!(
+        "container {} checkpointed, its files in CRIU's stop: {:?}",
+        t.id, metadata.phases
+    );
+    if let Err(e) = write_metadata(image, &metadata) {
+        warn!("container {}: final checkpoint record: {e}", t.id);
+    }
+    Ok(())
 }
 
 /// The lazy dump up to CRIU's ready: what is left runs in [`LazyRest`].

@@ -236,7 +236,14 @@ impl Runc {
         .map(drop)
     }
 
-    pub async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+    /// `env`: variables for runc and the CRIU it runs (a CRIU config file of
+    /// the dump's own, what its action script needs).
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        opts: &CheckpointOpts,
+        env: &[(&str, &Path)],
+    ) -> Result<()> {
         let mut args = vec!["checkpoint".to_string()];
         args.extend(criu_args(opts));
         if opts.leave_running {
@@ -247,7 +254,7 @@ impl Runc {
             args.push(ps.clone());
         }
         args.push(id.into());
-        self.run_bounded(args, None, Some(self.criu_timeout), None)
+        self.run_bounded(args, None, Some(self.criu_timeout), env)
             .await
             .map(drop)
     }
@@ -355,17 +362,19 @@ impl Runc {
             args.push("--lazy-pages".into());
         }
         args.push(id.into());
-        let env = opts
+        let env: Vec<(&str, &Path)> = opts
             .criu_config
             .as_ref()
-            .map(|c| ("CRIU_CONFIG_FILE", c.as_path()));
-        self.run_bounded(args, Some(stdio), Some(self.criu_timeout), env)
+            .map(|c| ("CRIU_CONFIG_FILE", c.as_path()))
+            .into_iter()
+            .collect();
+        self.run_bounded(args, Some(stdio), Some(self.criu_timeout), &env)
             .await
             .map(drop)
     }
 
     async fn run(&self, args: Vec<String>, stdio: Option<ProcStdio>) -> Result<Output> {
-        self.run_bounded(args, stdio, None, None).await
+        self.run_bounded(args, stdio, None, &[]).await
     }
 
     /// Runs runc with `args`. With `stdio` the child's stdio is the
@@ -380,12 +389,12 @@ impl Runc {
         args: Vec<String>,
         stdio: Option<ProcStdio>,
         limit: Option<Duration>,
-        env: Option<(&str, &Path)>,
+        env: &[(&str, &Path)],
     ) -> Result<Output> {
         let command = args.first().cloned().unwrap_or_default();
         let mut cmd = Command::new(&self.binary);
         cmd.args(self.global_args()).args(&args);
-        if let Some((k, v)) = env {
+        for (k, v) in env {
             cmd.env(k, v);
         }
         let capture = stdio.is_none();
