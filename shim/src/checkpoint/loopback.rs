@@ -109,7 +109,13 @@ pub fn run_action() -> i32 {
         if let Ok(socket) = std::env::var(super::criu_stop::SOCKET_ENV) {
             return super::criu_stop::run_action(&socket);
         }
-        return 0;
+        // Configured as the script of a dump, but without the shim's socket: the files cannot
+        // be taken, and CRIU must not go on as if they were.
+        eprintln!(
+            "Error (containerd-shim-custom-v2): post-dump without {}: the rootfs changes cannot be captured",
+            super::criu_stop::SOCKET_ENV
+        );
+        return 1;
     }
     if action != "setup-namespaces" {
         return 0;

@@ -570,26 +570,59 @@ async fn dump_at_criu_stop(
             c = &mut serve, if captured.is_none() => captured = Some(c),
         }
     };
+    // runc ended (or was killed) without the capture's answer: a capture not begun never
+    // begins, and one under way is waited for, so that nothing writes into the staging dir
+    // once it goes.
+    if captured.is_none() {
+        stop.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if stop.began.load(std::sync::atomic::Ordering::SeqCst) {
+            captured = Some(serve.await);
+        }
+    }
     let dump_ms = ms(t0.elapsed());
     let failed = match (dumped, captured) {
         (Ok(()), Some(Ok(stats))) => Ok(stats),
         (Ok(()), Some(Err(e))) => Err(e),
+        (Ok(()), None) if opts.exit => {
+            // CRIU killed the processes: the images are the container now, kept without the
+            // files rather than lost.
+            warn!(
+                "container {}: CRIU did not run the shim's post-dump action; the checkpoint with exit is kept without the rootfs changes",
+                t.id
+            );
+            Ok((
+                DiffStats::default(),
+                Some("CRIU did not run the shim's post-dump action".to_string()),
+                DiffStats::default(),
+                0.0,
+            ))
+        }
         (Ok(()), None) => Err(Error::Internal(
-            "CRIU did not run the shim's post-dump action: the rootfs changes are not in the checkpoint".into(),
+            "CRIU did not run the shim's post-dump action: the rootfs changes would be missing from the checkpoint".into(),
         )),
-        // The capture's own error says more than CRIU's "post-dump script failed".
-        (Err(_), Some(Err(e))) => Err(e),
+        // The capture's own error says more than CRIU's "post-dump script failed" (CRIU's log
+        // is kept all the same).
+        (Err(e), Some(Err(ce))) => {
+            let _ = criu_failure("dump", e, work, DUMP_LOG, t.bundle);
+            Err(ce)
+        }
         (Err(e), _) => Err(criu_failure("dump", e, work, DUMP_LOG, t.bundle)),
     };
     let (diff, skipped, vols, diff_ms) = match failed {
         Ok(stats) => stats,
         Err(e) => {
-            // CRIU let the processes go, or was killed: a cgroup it froze is thawed (a paused
-            // container stays paused).
-            if status == Status::Running && freezer.is_frozen().unwrap_or(false) {
-                if let Err(th) = freezer.thaw() {
-                    warn!("container {}: thaw after the failed dump: {th}", t.id);
-                }
+            // CRIU let the processes go, or was killed half-way (its freeze maybe not even
+            // settled): a running task is thawed, a paused one frozen again (CRIU thaws what it
+            // seized).
+            let put_back = match status {
+                Status::Paused => freezer.freeze(),
+                _ => freezer.thaw(),
+            };
+            match put_back {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(pb) => warn!("container {}: after the failed dump: {pb}", t.id),
+                Ok(()) => {}
             }
             return Err(e);
         }
