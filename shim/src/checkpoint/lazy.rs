@@ -42,6 +42,7 @@ use tokio::{
 use crate::{
     error::{Error, Result},
     reaper::{ExitStatus, Reaper},
+    runtime::runc::{kill_group, own_group_dying_with_shim},
 };
 
 /// The CRIU config a lazy dump runs with (its page server on loopback only).
@@ -495,21 +496,7 @@ impl LazyDaemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: prctl and getppid are async-signal-safe.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        own_group_dying_with_shim(&mut cmd, None);
         let started = Instant::now();
         let child = cmd.spawn().map_err(Error::io("spawn criu lazy-pages"))?;
         let pid = child.id() as i32;
@@ -605,13 +592,6 @@ impl LazyDaemon {
             log,
         })
     }
-}
-
-fn kill_group(pid: i32) {
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
 }
 
 /// What the destination's relay leaves once its daemon closed the transfer: the connection to

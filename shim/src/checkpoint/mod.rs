@@ -183,6 +183,74 @@ struct LazyRecord {
 /// Told to the caller of a lazy checkpoint once CRIU is ready (or failed before).
 pub type Ready = Option<tokio::sync::oneshot::Sender<Result<()>>>;
 
+impl Metadata {
+    /// The record written before the dump: the flags CRIU will use, the versions, where the
+    /// files are taken; the figures come after.
+    fn before_dump(
+        t: &Target<'_>,
+        opts: &CheckpointOptions,
+        files: FilesBy,
+        frozen_by_shim: bool,
+        files_captured_in: &'static str,
+    ) -> Self {
+        Metadata {
+            dump_flags: DumpFlags {
+                tcp_established: opts.open_tcp,
+                ext_unix_sk: opts.external_unix_sockets,
+                shell_job: opts.terminal,
+                file_locks: opts.file_locks,
+            },
+            shim_version: env!("CARGO_PKG_VERSION"),
+            criu_version: None,
+            container_id: t.id.to_string(),
+            leave_running: !opts.exit,
+            page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
+            frozen_by_shim,
+            rootfs_diff_by: files,
+            rootfs_diff_skipped: None,
+            rootfs_diff_left_out: Vec::new(),
+            phases: Phases::default(),
+            rootfs_diff_bytes: 0,
+            rootfs_diff_entries: 0,
+            deleted_files: 0,
+            volumes_bytes: 0,
+            volumes_left_out: Vec::new(),
+            images_bytes: 0,
+            complete: false,
+            files_captured_in,
+            lazy: None,
+        }
+    }
+
+    /// What the rootfs diff and the volumes captured (or why the diff is missing).
+    fn files(&mut self, diff: &DiffStats, skipped: Option<String>, vols: DiffStats) {
+        self.rootfs_diff_skipped = skipped;
+        self.rootfs_diff_left_out = diff.skipped.clone();
+        self.rootfs_diff_bytes = diff.bytes;
+        self.rootfs_diff_entries = diff.entries;
+        self.deleted_files = diff.deleted;
+        self.volumes_bytes = vols.bytes;
+        self.volumes_left_out = vols.skipped;
+    }
+}
+
+/// What runc and CRIU are asked for a dump into `image` with the caller's options.
+fn criu_opts(image: &Path, work: &Path, opts: &CheckpointOptions) -> CheckpointOpts {
+    CheckpointOpts {
+        image_path: image.to_path_buf(),
+        work_path: work.to_path_buf(),
+        parent_path: None,
+        leave_running: !opts.exit,
+        tcp_established: opts.open_tcp,
+        ext_unix_sk: opts.external_unix_sockets,
+        shell_job: opts.terminal,
+        file_locks: opts.file_locks,
+        empty_ns: opts.empty_namespaces.clone(),
+        manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
+    }
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -390,53 +458,17 @@ async fn bracket(
     phases.diff_ms = ms(t0.elapsed());
     caller.check("the checkpoint")?;
 
-    let mut metadata = Metadata {
-        dump_flags: DumpFlags {
-            tcp_established: opts.open_tcp,
-            ext_unix_sk: opts.external_unix_sockets,
-            shell_job: opts.terminal,
-            file_locks: opts.file_locks,
-        },
-        shim_version: env!("CARGO_PKG_VERSION"),
-        criu_version: None,
-        container_id: t.id.to_string(),
-        leave_running: !opts.exit,
-        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
-        frozen_by_shim: freeze,
-        rootfs_diff_by: files,
-        rootfs_diff_skipped: skipped,
-        rootfs_diff_left_out: diff.skipped.clone(),
-        phases: Phases::default(),
-        rootfs_diff_bytes: diff.bytes,
-        rootfs_diff_entries: diff.entries,
-        deleted_files: diff.deleted,
-        volumes_bytes: vols.bytes,
-        volumes_left_out: vols.skipped,
-        images_bytes: 0,
-        complete: false,
-        files_captured_in: match files {
-            FilesBy::Shim => "shim-freeze",
-            FilesBy::ContainerdCri => "none",
-        },
-        lazy: None,
+    let files_captured_in = match files {
+        FilesBy::Shim => "shim-freeze",
+        FilesBy::ContainerdCri => "none",
     };
+    let mut metadata = Metadata::before_dump(t, opts, files, freeze, files_captured_in);
+    metadata.files(&diff, skipped, vols);
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
 
     let t0 = Instant::now();
-    let criu = CheckpointOpts {
-        image_path: image.to_path_buf(),
-        work_path: work.to_path_buf(),
-        parent_path: None,
-        leave_running: !opts.exit,
-        tcp_established: opts.open_tcp,
-        ext_unix_sk: opts.external_unix_sockets,
-        shell_job: opts.terminal,
-        file_locks: opts.file_locks,
-        empty_ns: opts.empty_namespaces.clone(),
-        manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
-        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
-    };
+    let criu = criu_opts(image, work, opts);
     if let Some(relay) = relay {
         return lazy_dump(
             t,
@@ -495,49 +527,11 @@ async fn dump_at_criu_stop(
     let started = Instant::now();
     let freezer = t.freezer()?;
     caller.check("the checkpoint")?;
-    let mut metadata = Metadata {
-        dump_flags: DumpFlags {
-            tcp_established: opts.open_tcp,
-            ext_unix_sk: opts.external_unix_sockets,
-            shell_job: opts.terminal,
-            file_locks: opts.file_locks,
-        },
-        shim_version: env!("CARGO_PKG_VERSION"),
-        criu_version: None,
-        container_id: t.id.to_string(),
-        leave_running: !opts.exit,
-        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
-        frozen_by_shim: false,
-        rootfs_diff_by: FilesBy::Shim,
-        rootfs_diff_skipped: None,
-        rootfs_diff_left_out: Vec::new(),
-        phases: Phases::default(),
-        rootfs_diff_bytes: 0,
-        rootfs_diff_entries: 0,
-        deleted_files: 0,
-        volumes_bytes: 0,
-        volumes_left_out: Vec::new(),
-        images_bytes: 0,
-        complete: false,
-        files_captured_in: "criu-post-dump",
-        lazy: None,
-    };
+    let mut metadata = Metadata::before_dump(t, opts, FilesBy::Shim, false, "criu-post-dump");
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
     let stop = criu_stop::Stop::prepare(work)?;
-    let criu = CheckpointOpts {
-        image_path: image.to_path_buf(),
-        work_path: work.to_path_buf(),
-        parent_path: None,
-        leave_running: !opts.exit,
-        tcp_established: opts.open_tcp,
-        ext_unix_sk: opts.external_unix_sockets,
-        shell_job: opts.terminal,
-        file_locks: opts.file_locks,
-        empty_ns: opts.empty_namespaces.clone(),
-        manage_cgroups_mode: Some(opts.cgroups_mode.clone()).filter(|m| !m.is_empty()),
-        page_server: Some(opts.page_server.clone()).filter(|p| !p.is_empty()),
-    };
+    let criu = criu_opts(image, work, opts);
     let (dir, late) = (image.to_path_buf(), caller.clone());
     let capture = move || {
         // A caller gone by now: the script fails, and CRIU lets the processes go on.
@@ -627,13 +621,7 @@ async fn dump_at_criu_stop(
             return Err(e);
         }
     };
-    metadata.rootfs_diff_skipped = skipped;
-    metadata.rootfs_diff_left_out = diff.skipped.clone();
-    metadata.rootfs_diff_bytes = diff.bytes;
-    metadata.rootfs_diff_entries = diff.entries;
-    metadata.deleted_files = diff.deleted;
-    metadata.volumes_bytes = vols.bytes;
-    metadata.volumes_left_out = vols.skipped;
+    metadata.files(&diff, skipped, vols);
     metadata.phases = Phases {
         freeze_ms: 0.0,
         diff_ms,

@@ -295,27 +295,7 @@ impl Runc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let wr = status_wr.as_raw_fd();
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: dup2, prctl and getppid are async-signal-safe; nothing else
-        // runs between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-            cmd.pre_exec(move || {
-                // dup2 leaves the new fd without FD_CLOEXEC: runc gets it as fd 3.
-                if libc::dup2(wr, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        own_group_dying_with_shim(&mut cmd, Some(status_wr.as_raw_fd()));
         debug!("runc {} (lazy)", args.join(" "));
         let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         let started = Instant::now();
@@ -412,24 +392,7 @@ impl Runc {
         }
         // runc (and the CRIU it runs) must not outlive a killed shim: a checkpoint
         // left running would go on dumping a container containerd is deleting.
-        // A shim that died between fork and prctl is caught by the parent check
-        // (the child was reparented already, so the death signal never comes).
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
-        // between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        own_group_dying_with_shim(&mut cmd, None);
         debug!("runc {}", args.join(" "));
         let log_offset = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         let started = Instant::now();
@@ -465,10 +428,7 @@ impl Runc {
                     // runc and its CRIU: the whole group, then wait for runc's exit
                     // so that nothing of it is left when the caller puts things back.
                     warn!("runc {command} ran past {limit:?}: killing its process group {pid}");
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    kill_group(pid);
                     let _ = exit.await;
                     return Err(Error::DeadlineExceeded(format!(
                         "runc {command} did not finish within {limit:?} (the runtime option \
@@ -523,10 +483,7 @@ impl LazyDump {
     /// runc's and CRIU's process group, killed: CRIU lets go of the tasks it
     /// holds, which go on as they were (frozen if their cgroup is).
     pub fn kill(&self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        kill_group(self.pid);
     }
 
     /// runc's end: Ok when CRIU served every page and the container's
@@ -548,6 +505,44 @@ impl LazyDump {
         }
         Ok(())
     }
+}
+
+/// Makes `cmd` lead a process group of its own (which what it starts joins:
+/// [`kill_group`] kills them all) and die with the shim. A shim that died
+/// between fork and prctl is caught by the parent check (the child was
+/// reparented already, so the death signal never comes). `fd3`: a descriptor
+/// the child gets as fd 3.
+pub fn own_group_dying_with_shim(cmd: &mut Command, fd3: Option<std::os::fd::RawFd>) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: dup2, prctl and getppid are async-signal-safe; nothing else runs
+    // between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        cmd.pre_exec(move || {
+            if let Some(fd) = fd3 {
+                // dup2 leaves the new fd without FD_CLOEXEC: the child keeps it.
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// SIGKILL to the process group `pid` leads (see [`own_group_dying_with_shim`]).
+pub fn kill_group(pid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 fn criu_args(opts: &CheckpointOpts) -> Vec<String> {
