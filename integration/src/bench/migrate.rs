@@ -161,45 +161,43 @@ impl Bench<'_> {
     }
 }
 
-/// Runs the workload holding `mib` MiB on A and waits until it touched it all.
-fn run_workload(h: &TwoHosts, rt: Runtime, image: &str, id: &str, mib: u64) -> Result<(), String> {
-    let out = h.a.ctr([
-        "run",
-        "-d",
-        "--runtime",
-        rt.name(),
-        image,
-        id,
-        "workload",
-        &mib.to_string(),
-    ]);
+/// Runs `cmd` from `image` as `id` on A and waits until its report file `ready` appears (the
+/// workload's memory is touched, or filled).
+fn run_on_a(
+    h: &TwoHosts,
+    rt: Runtime,
+    image: &str,
+    id: &str,
+    cmd: &[&str],
+    ready: &str,
+) -> Result<(), String> {
+    let mut args = vec!["run", "-d", "--runtime", rt.name(), image, id];
+    args.extend_from_slice(cmd);
+    let out = h.a.ctr(&args);
     if !out.status.success() {
         return Err(format!("ctr run {id}: {}", integration::show(&out)));
     }
-    poll(&format!("{id} touching {mib} MiB"), T, || {
-        read_in_container(h.a.task(id)?.pid, "/maxgap").map(|_| ())
+    poll(&format!("{id} ready ({ready})"), T, || {
+        read_in_container(h.a.task(id)?.pid, ready).map(|_| ())
     })
+}
+
+/// Runs the workload holding `mib` MiB on A and waits until it touched it all.
+fn run_workload(h: &TwoHosts, rt: Runtime, image: &str, id: &str, mib: u64) -> Result<(), String> {
+    run_on_a(h, rt, image, id, &["workload", &mib.to_string()], "/maxgap")
 }
 
 /// Runs memhog holding `mib` MiB filled from a PRNG stream on A (custom shim), until filled.
 fn run_memhog(h: &TwoHosts, image: &str, id: &str, mib: u64) -> Result<(), String> {
-    let out = h.a.ctr([
-        "run",
-        "-d",
-        "--runtime",
-        Runtime::Custom.name(),
+    let mib = mib.to_string();
+    run_on_a(
+        h,
+        Runtime::Custom,
         image,
         id,
-        "memhog",
-        &mib.to_string(),
-        "777",
-    ]);
-    if !out.status.success() {
-        return Err(format!("ctr run {id}: {}", integration::show(&out)));
-    }
-    poll(&format!("{id} filling {mib} MiB"), T, || {
-        read_in_container(h.a.task(id)?.pid, "/memhog").map(|_| ())
-    })
+        &["memhog", &mib, "777"],
+        "/memhog",
+    )
 }
 
 /// memhog's `verified` and `bad` counts on B.
@@ -216,18 +214,7 @@ fn memhog_check(h: &TwoHosts, id: &str) -> Option<(u64, u64)> {
 
 /// A lazy move of `id` A → B: (downtime, total) in ms; fails unless every byte arrived intact.
 fn move_lazy(h: &TwoHosts, id: &str) -> Result<(f64, f64), String> {
-    let receiver = h.receiver(&[]);
-    let target = format!("tcp://{B_ADDR}:{RECEIVE_PORT}");
-    let out = h.run_cli(&h.a, &["--json", "migrate", id, "--to", &target, "--lazy"]);
-    let done = receiver.wait(T);
-    if !out.status.success() || !done.status.success() {
-        return Err(format!(
-            "migrate --lazy {id}: {}\nreceiver: {}",
-            integration::show(&out),
-            integration::show(&done)
-        ));
-    }
-    let r = result_line(&out.stdout).ok_or_else(|| format!("migrate {id}: no result line"))?;
+    let r = migrate_to_b(h, id, &["--lazy"])?;
     h.b.ctr(["tasks", "kill", "-s", "SIGUSR1", id]);
     let (_, bad) = poll(&format!("{id} checking its memory"), T, || {
         memhog_check(h, id).filter(|(v, _)| *v > 0)
@@ -275,20 +262,28 @@ fn result_line(stdout: &[u8]) -> Option<serde_json::Value> {
         .find(|v| v["event"] == "result")
 }
 
-fn move_ours(h: &TwoHosts, id: &str) -> Result<(f64, f64, Option<f64>), String> {
-    let dump = local_dump_ms(h, id)?;
+/// `container-migrate migrate ID --to B ...extra` against a receiver on B; its result line.
+fn migrate_to_b(h: &TwoHosts, id: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
     let receiver = h.receiver(&[]);
     let target = format!("tcp://{B_ADDR}:{RECEIVE_PORT}");
-    let out = h.run_cli(&h.a, &["--json", "migrate", id, "--to", &target]);
+    let mut args = vec!["--json", "migrate", id, "--to", &target];
+    args.extend_from_slice(extra);
+    let out = h.run_cli(&h.a, &args);
     let done = receiver.wait(T);
     if !out.status.success() || !done.status.success() {
         return Err(format!(
-            "migrate {id}: {}\nreceiver: {}",
+            "migrate {id} {}: {}\nreceiver: {}",
+            extra.join(" "),
             integration::show(&out),
             integration::show(&done)
         ));
     }
-    let r = result_line(&out.stdout).ok_or_else(|| format!("migrate {id}: no result line"))?;
+    result_line(&out.stdout).ok_or_else(|| format!("migrate {id}: no result line"))
+}
+
+fn move_ours(h: &TwoHosts, id: &str) -> Result<(f64, f64, Option<f64>), String> {
+    let dump = local_dump_ms(h, id)?;
+    let r = migrate_to_b(h, id, &[])?;
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     Ok((
         f("downtime_ms"),

@@ -67,10 +67,7 @@ impl Group<'_> {
         label: impl AsRef<str>,
         unit: &'static str,
     ) -> &mut Self {
-        let g = self.group;
-        self.res
-            .declare(key.as_ref(), g, panel, label.as_ref(), unit, false);
-        self
+        self.figure(key.as_ref(), panel, label.as_ref(), unit, false)
     }
 
     /// A figure where higher is better (a rate).
@@ -81,9 +78,20 @@ impl Group<'_> {
         label: impl AsRef<str>,
         unit: &'static str,
     ) -> &mut Self {
+        self.figure(key.as_ref(), panel, label.as_ref(), unit, true)
+    }
+
+    fn figure(
+        &mut self,
+        key: &str,
+        panel: &'static str,
+        label: &str,
+        unit: &'static str,
+        higher_is_better: bool,
+    ) -> &mut Self {
         let g = self.group;
         self.res
-            .declare(key.as_ref(), g, panel, label.as_ref(), unit, true);
+            .declare(key, g, panel, label, unit, higher_is_better);
         self
     }
 }

@@ -805,16 +805,20 @@ mod tests {
         (relay, public, aborted, fake)
     }
 
+    /// The relay serving `peer` (any, when None), waiting `connect` for it; `aborted` is set
+    /// when it kills CRIU.
     fn serving(
         relay: PageRelay,
         aborted: &Arc<AtomicBool>,
+        peer: Option<std::net::IpAddr>,
+        connect: Duration,
     ) -> tokio::task::JoinHandle<Result<Transfer>> {
         let flag = aborted.clone();
         tokio::spawn(async move {
             relay
                 .serve(
-                    None,
-                    Duration::from_secs(5),
+                    peer,
+                    connect,
                     Duration::from_secs(5),
                     move || flag.store(true, Ordering::SeqCst),
                     || {},
@@ -826,7 +830,7 @@ mod tests {
     #[tokio::test]
     async fn the_end_reaches_criu_only_after_the_destination_closed() {
         let (relay, public, aborted, fake) = relay_and_criu().await;
-        let serve = serving(relay, &aborted);
+        let serve = serving(relay, &aborted, None, Duration::from_secs(5));
         let mut dest = TcpStream::connect(public).await.unwrap();
         dest.write_all(&iov(7)).await.unwrap();
         let mut page = vec![0u8; 4096];
@@ -847,7 +851,7 @@ mod tests {
     #[tokio::test]
     async fn after_the_close_criu_is_let_finish_whatever_happens() {
         let (relay, public, aborted, fake) = relay_and_criu().await;
-        let serve = serving(relay, &aborted);
+        let serve = serving(relay, &aborted, None, Duration::from_secs(5));
         let dest = std::net::TcpStream::connect(public).unwrap();
         let mut d = &dest;
         std::io::Write::write_all(&mut d, &iov(PS_IOV_CLOSE)).unwrap();
@@ -862,7 +866,7 @@ mod tests {
     #[tokio::test]
     async fn a_destination_gone_before_the_close_kills_criu_first() {
         let (relay, public, aborted, fake) = relay_and_criu().await;
-        let serve = serving(relay, &aborted);
+        let serve = serving(relay, &aborted, None, Duration::from_secs(5));
         let mut dest = TcpStream::connect(public).await.unwrap();
         dest.write_all(&iov(7)).await.unwrap();
         let mut page = vec![0u8; 4096];
@@ -884,16 +888,9 @@ mod tests {
     #[tokio::test]
     async fn a_destination_that_never_connects_is_a_deadline() {
         let (relay, _public, aborted, _fake) = relay_and_criu().await;
-        let flag = aborted.clone();
-        let err = relay
-            .serve(
-                None,
-                Duration::from_millis(50),
-                Duration::from_secs(5),
-                move || flag.store(true, Ordering::SeqCst),
-                || {},
-            )
+        let err = serving(relay, &aborted, None, Duration::from_millis(50))
             .await
+            .unwrap()
             .unwrap_err();
         assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
         assert!(aborted.load(Ordering::SeqCst));
@@ -950,19 +947,13 @@ mod tests {
     #[tokio::test]
     async fn only_the_destination_is_served() {
         let (relay, public, aborted, _fake) = relay_and_criu().await;
-        let flag = aborted.clone();
         // The destination is 127.0.0.2: a connection from 127.0.0.1 is closed unserved.
-        let serve = tokio::spawn(async move {
-            relay
-                .serve(
-                    Some("127.0.0.2".parse().unwrap()),
-                    Duration::from_millis(300),
-                    Duration::from_secs(5),
-                    move || flag.store(true, Ordering::SeqCst),
-                    || {},
-                )
-                .await
-        });
+        let serve = serving(
+            relay,
+            &aborted,
+            Some("127.0.0.2".parse().unwrap()),
+            Duration::from_millis(300),
+        );
         let mut intruder = TcpStream::connect(public).await.unwrap();
         let _ = intruder.write_all(&iov(7)).await;
         let mut b = [0u8; 1];
