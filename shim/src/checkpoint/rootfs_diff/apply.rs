@@ -286,19 +286,30 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
     // What the tar reader would hold in memory whole is bounded first.
     limits::check_archive(&file)?;
     // File data is copied in the kernel straight from the archive (see
-    // `copy_data`): a second handle for that, and a seeking iterator that
+    // `Copier`): a second handle for that, and a seeking iterator that
     // skips over the data instead of reading it.
     let data = file
         .try_clone()
         .map_err(Error::io(format!("open {}", tar_path.display())))?;
-    let mut archive = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+    // Only headers pass through this buffer, and every entry's seek over its data empties it:
+    // a large one would read (and drop) that much of each file's data again.
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(16 << 10, file));
     let entries = archive
         .entries_with_seek()
         .map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
     // Directory metadata is set last (once their contents are in), by
     // resolving each directory afresh.
     let mut dirs: Vec<(PathBuf, Header, Xattrs)> = Vec::new();
+    // The last entry's parent, resolved: the next entry in the same directory uses it again. No
+    // entry can have changed it in between: an entry changes only its own path, and one whose
+    // parent is this directory is beneath it, never it or above it (an entry elsewhere resolves
+    // its own parent, and takes the place here).
+    let mut last_parent: Option<(PathBuf, OwnedFd)> = None;
+    let mut copier = Copier::default();
     for entry in entries {
+        // Given back only once this entry's parent is resolved: an entry that goes another way
+        // (a whiteout) drops it.
+        let cached = last_parent.take();
         let mut entry = entry.map_err(|e| Error::InvalidArgument(format!("{ROOTFS_DIFF}: {e}")))?;
         let name = PathBuf::from(OsStr::from_bytes(&entry.path_bytes()));
         let header = entry.header().clone();
@@ -338,10 +349,17 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                 !k.starts_with(b"security.") && !k.starts_with(b"trusted.")
             });
         }
-        let parent = root
-            .parent(&rel, Missing::Create)?
-            .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?;
-        let pfd = parent.as_fd();
+        let parent_rel = rel.parent().unwrap_or(Path::new(""));
+        let parent = match cached {
+            Some((p, fd)) if p == parent_rel => fd,
+            _ => root
+                .parent(&rel, Missing::Create)?
+                .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?,
+        };
+        let pfd = last_parent
+            .insert((parent_rel.to_path_buf(), parent))
+            .1
+            .as_fd();
         let cname = last_name(&rel)?;
         let io_err = |what: &str| Error::io(format!("{what} {}", root.show(&rel)));
         match kind {
@@ -358,13 +376,22 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                 dirs.push((rel, header, xattrs));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
-                let f = File::from(fsat::create_at(pfd, &cname).map_err(io_err("create"))?);
+                // Created at once where nothing is in the way (the common case); whatever is
+                // there (even a directory tree) is removed first otherwise.
+                let created = match fsat::create_at(pfd, &cname) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
+                        fsat::create_at(pfd, &cname)
+                    }
+                    other => other,
+                };
+                let f = File::from(created.map_err(io_err("create"))?);
                 let bytes = if kind == EntryType::GNUSparse {
-                    write_sparse(&data, &entry, &f, &rel)?
+                    write_sparse(&data, &entry, &f, &rel, &mut copier)?
                 } else {
                     let (offset, len) = (entry.raw_file_position(), entry.size());
-                    copy_data(&data, offset, &f, 0, len)
+                    copier
+                        .copy(&data, offset, &f, 0, len)
                         .map_err(|e| data_error(e, &rel, len, &root))?;
                     len
                 };
@@ -517,6 +544,7 @@ fn write_sparse<R: io::Read>(
     entry: &tar::Entry<'_, R>,
     out: &File,
     rel: &Path,
+    copier: &mut Copier,
 ) -> Result<u64> {
     let map = sparse::read_map(archive, entry.raw_header_position()).map_err(|e| {
         Error::InvalidArgument(format!(
@@ -526,13 +554,15 @@ fn write_sparse<R: io::Read>(
     })?;
     let mut at = map.data_start;
     for seg in &map.segments {
-        copy_data(archive, at, out, seg.offset, seg.len).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
-                "{ROOTFS_DIFF}: sparse entry {} claims data the archive does not hold",
-                rel.display()
-            )),
-            _ => Error::io(format!("write {}", rel.display()))(e),
-        })?;
+        copier
+            .copy(archive, at, out, seg.offset, seg.len)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
+                    "{ROOTFS_DIFF}: sparse entry {} claims data the archive does not hold",
+                    rel.display()
+                )),
+                _ => Error::io(format!("write {}", rel.display()))(e),
+            })?;
         at += seg.len;
     }
     fsat::ftruncate(out.as_fd(), map.real_size)
@@ -540,65 +570,85 @@ fn write_sparse<R: io::Read>(
     Ok(map.data_len())
 }
 
-/// Copies `len` bytes at `offset` of the archive into `out` at `out_offset`:
-/// with copy_file_range, so that the data never passes through user space,
-/// or with a large buffer where the file systems cannot do that.
-fn copy_data(archive: &File, offset: u64, out: &File, out_offset: u64, len: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut off = offset as libc::loff_t;
-    let mut off_out = out_offset as libc::loff_t;
-    let mut left = len;
-    while left > 0 {
-        let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open; the offsets are loff_ts we own.
-        let n = unsafe {
-            libc::copy_file_range(
-                archive.as_raw_fd(),
-                &mut off,
-                out.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                    copy_buffered(archive, off as u64, out, off_out as u64, left)
-                }
-                _ => Err(e),
-            };
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        left -= n as u64;
-    }
-    Ok(())
+/// Copies file data from the archive: with copy_file_range, so that the data never passes
+/// through user space, or through one buffer where the file systems cannot do that (an overlay
+/// rootfs and the archive's file system: then every later file goes through the buffer at once).
+#[derive(Default)]
+struct Copier {
+    no_cfr: bool,
+    buf: Vec<u8>,
 }
 
-fn copy_buffered(
-    archive: &File,
-    mut offset: u64,
-    out: &File,
-    mut out_offset: u64,
-    mut left: u64,
-) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; (1 << 20).min(left as usize)];
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = archive.read_at(&mut buf[..want], offset)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+impl Copier {
+    /// Copies `len` bytes at `offset` of the archive into `out` at `out_offset`.
+    fn copy(
+        &mut self,
+        archive: &File,
+        offset: u64,
+        out: &File,
+        out_offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut off = offset as libc::loff_t;
+        let mut off_out = out_offset as libc::loff_t;
+        let mut left = len;
+        while left > 0 && !self.no_cfr {
+            let chunk = left.min(1 << 30) as usize;
+            // SAFETY: both descriptors are open; the offsets are loff_ts we own.
+            let n = unsafe {
+                libc::copy_file_range(
+                    archive.as_raw_fd(),
+                    &mut off,
+                    out.as_raw_fd(),
+                    &mut off_out,
+                    chunk,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        self.no_cfr = true;
+                    }
+                    _ => return Err(e),
+                }
+                break;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n as u64;
         }
-        out.write_all_at(&buf[..n], out_offset)?;
-        offset += n as u64;
-        out_offset += n as u64;
-        left -= n as u64;
+        self.buffered(archive, off as u64, out, off_out as u64, left)
     }
-    Ok(())
+
+    fn buffered(
+        &mut self,
+        archive: &File,
+        mut offset: u64,
+        out: &File,
+        mut out_offset: u64,
+        mut left: u64,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if left > 0 && self.buf.is_empty() {
+            self.buf = vec![0u8; 1 << 20];
+        }
+        while left > 0 {
+            let want = left.min(self.buf.len() as u64) as usize;
+            let n = archive.read_at(&mut self.buf[..want], offset)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            out.write_all_at(&self.buf[..n], out_offset)?;
+            offset += n as u64;
+            out_offset += n as u64;
+            left -= n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Extended attributes of an entry (pax `SCHILY.xattr.*`), without the
