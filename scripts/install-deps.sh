@@ -63,8 +63,10 @@ if ! containerd_ok; then
 fi
 say "containerd: $(containerd --version)"
 
+# xfsprogs: mkfs.xfs for the tests' and the bench's containerd root on an xfs loop filesystem (the
+# rootfs diff's reflink path).
 install_pkgs runc busybox-static protobuf-compiler iproute2 iptables xz-utils dpkg-dev util-linux build-essential \
-  debootstrap
+  debootstrap xfsprogs
 say "runc: $(runc --version | head -1)"
 
 # 4.2: on Linux >= 6.16 CRIU 4.1 cannot dump TCP sockets (SO_PASSCRED/SO_PASSSEC refused), and it

@@ -89,6 +89,9 @@ pub struct Setup {
     pub netns: Option<String>,
     /// Do not import the test image: a host that must pull what it needs.
     pub no_image: bool,
+    /// Where its directory (root, state, sockets) goes instead of `SHIMTEST_TMPDIR`: an
+    /// [`crate::xfs::Xfs`] mount, for a root that clones extents.
+    pub base: Option<PathBuf>,
 }
 
 fn config_toml(root: &Path, state: &Path, address: &Path, level: &str, cri: bool) -> String {
@@ -151,9 +154,11 @@ impl Containerd {
     /// [`Self::start`] with more than the default ctr host: see [`Setup`].
     pub fn start_with(setup: Setup) -> Containerd {
         let image = test_image().unwrap_or_else(|e| panic!("test image: {e}"));
-        let base = std::env::var_os("SHIMTEST_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp"));
+        let base = setup.base.clone().unwrap_or_else(|| {
+            std::env::var_os("SHIMTEST_TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/tmp"))
+        });
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let nanos = SystemTime::now()

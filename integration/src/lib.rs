@@ -48,6 +48,7 @@ pub mod poll;
 mod process;
 mod pty;
 pub mod registry;
+pub mod xfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -116,10 +116,74 @@ impl FilesBy {
 #[derive(Debug, Default, Clone, Serialize)]
 struct Phases {
     freeze_ms: f64,
+    /// The files' part of the stop: the whole capture on the copying path, the snapshot (the
+    /// walk and the clones) on the reflink path.
     diff_ms: f64,
     dump_ms: f64,
     thaw_ms: f64,
     total_ms: f64,
+    /// Reflink path only: the precopy before the dump (the upper's filesystem flushed and every
+    /// changed file cloned, the container running), and the archive written from the clones
+    /// after it (the container running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precopy_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive_ms: Option<f64>,
+}
+
+/// How the rootfs diff's bytes were taken (see `rootfs_diff::capture`).
+#[derive(Debug, Clone, Serialize)]
+struct DiffCapture {
+    /// `reflink`: cloned in the stop, archived after it; `copy`: archived in the stop.
+    path: &'static str,
+    /// Reflink path: bytes cloned, and bytes copied because the filesystem refused a clone.
+    cloned_bytes: u64,
+    copied_bytes: u64,
+    /// Reflink path: the time the clones took, precopy and stop together (the stop's part of
+    /// the walk is `diff_ms`); files the stop took as the precopy left them, and files it cloned
+    /// again (changed since).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clone_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files_from_precopy: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files_cloned_in_stop: Option<u64>,
+}
+
+impl DiffCapture {
+    fn of(snap: &rootfs_diff::Snapshot) -> Self {
+        let (cloned_bytes, copied_bytes, took) = snap.cloned_copied();
+        DiffCapture {
+            path: snap.path(),
+            cloned_bytes,
+            copied_bytes,
+            clone_ms: snap.cloned().then(|| ms(took)),
+            files_from_precopy: snap.cloned().then_some(snap.reused),
+            files_cloned_in_stop: snap.cloned().then_some(snap.retaken),
+        }
+    }
+
+    /// The copying path with no clones (the shim's own freeze).
+    fn copy() -> Self {
+        DiffCapture {
+            path: "copy",
+            cloned_bytes: 0,
+            copied_bytes: 0,
+            clone_ms: None,
+            files_from_precopy: None,
+            files_cloned_in_stop: None,
+        }
+    }
+}
+
+/// The rootfs diff as the stop left it.
+enum Files {
+    /// Not captured (why is said beside it).
+    None,
+    /// Archived in the stop (the copying path).
+    Written(DiffStats, DiffCapture),
+    /// Cloned in the stop, to be archived after it (the reflink path).
+    Later(rootfs_diff::Snapshot),
 }
 
 /// The CRIU flags a dump used; the restore must use them too.
@@ -164,6 +228,9 @@ struct Metadata {
     /// (in CRIU's own stop, its processes seized) or `shim-freeze` (in a
     /// freeze the shim holds around the whole dump).
     files_captured_in: &'static str,
+    /// How the rootfs diff's bytes were taken, when the shim took them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rootfs_diff_capture: Option<DiffCapture>,
     /// A lazy checkpoint's transfer: `serving`, then `complete` (the
     /// container exited) or `failed` (it runs on).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -218,6 +285,7 @@ impl Metadata {
             images_bytes: 0,
             complete: false,
             files_captured_in,
+            rootfs_diff_capture: None,
             lazy: None,
         }
     }
@@ -463,6 +531,9 @@ async fn bracket(
         FilesBy::ContainerdCri => "none",
     };
     let mut metadata = Metadata::before_dump(t, opts, files, freeze, files_captured_in);
+    if skipped.is_none() {
+        metadata.rootfs_diff_capture = Some(DiffCapture::copy());
+    }
     metadata.files(&diff, skipped, vols);
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
@@ -530,6 +601,37 @@ async fn dump_at_criu_stop(
     let mut metadata = Metadata::before_dump(t, opts, FilesBy::Shim, false, "criu-post-dump");
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
+    // Where the upper's filesystem clones extents, the files' bytes are cloned in the stop and
+    // archived after it; its dirty pages are flushed first, the container running (a clone
+    // writes them back). Not with `exit`: CRIU kills the processes, the stop costs nothing, and
+    // the archive is whole before they go.
+    let mut precopy_ms = None;
+    let precopy = match (&overlay, opts.exit) {
+        (Ok(o), false) => {
+            let o = o.clone();
+            let t0 = Instant::now();
+            let id = t.id.to_string();
+            let precopy = tokio::task::spawn_blocking(move || {
+                let clones = rootfs_diff::Clones::probe(&o.upper)?;
+                rootfs_diff::Clones::preflush(&o.upper);
+                let precopy = rootfs_diff::Snapshot::precopy(&o, clones)
+                    .map_err(|e| warn!("container {id}: rootfs diff precopy, copying instead: {e}"))
+                    .ok();
+                // The clones' metadata written out too, before the stop: CRIU writes its images
+                // to the same filesystem, often, and would wait for the log otherwise.
+                rootfs_diff::Clones::preflush(&o.upper);
+                precopy
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("rootfs diff precopy task: {e}")))?;
+            if precopy.is_some() {
+                precopy_ms = Some(ms(t0.elapsed()));
+            }
+            precopy
+        }
+        _ => None,
+    };
+    caller.check("the checkpoint")?;
     let stop = criu_stop::Stop::prepare(work)?;
     let criu = criu_opts(image, work, opts);
     let (dir, late) = (image.to_path_buf(), caller.clone());
@@ -538,8 +640,20 @@ async fn dump_at_criu_stop(
         late.check("the checkpoint")?;
         let t0 = Instant::now();
         let (diff, skipped) = match overlay {
-            Ok(overlay) => (rootfs_diff::capture(&overlay, &dir)?, None),
-            Err(why) => (DiffStats::default(), Some(why)),
+            Ok(overlay) => {
+                let snap = match precopy {
+                    Some(precopy) => precopy.again(&overlay)?,
+                    None => rootfs_diff::Snapshot::copying(&overlay)?,
+                };
+                match snap.cloned() {
+                    false => {
+                        let how = DiffCapture::of(&snap);
+                        (Files::Written(snap.write(&dir)?, how), None)
+                    }
+                    true => (Files::Later(snap), None),
+                }
+            }
+            Err(why) => (Files::None, Some(why)),
         };
         let vols = if binds.is_empty() {
             DiffStats::default()
@@ -586,7 +700,7 @@ async fn dump_at_criu_stop(
                 t.id
             );
             Ok((
-                DiffStats::default(),
+                Files::None,
                 Some("CRIU did not run the shim's post-dump action".to_string()),
                 DiffStats::default(),
                 0.0,
@@ -621,13 +735,31 @@ async fn dump_at_criu_stop(
             return Err(e);
         }
     };
+    // The reflink path's archive, from the clones, the container running again. A failure
+    // here fails the checkpoint as any other would: the container runs on.
+    let t0 = Instant::now();
+    let (diff, how, archive_ms) = match diff {
+        Files::None => (DiffStats::default(), None, None),
+        Files::Written(stats, how) => (stats, Some(how), None),
+        Files::Later(snap) => {
+            let how = DiffCapture::of(&snap);
+            let dir = image.to_path_buf();
+            let stats = tokio::task::spawn_blocking(move || snap.write(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("rootfs diff archive task: {e}")))??;
+            (stats, Some(how), Some(ms(t0.elapsed())))
+        }
+    };
     metadata.files(&diff, skipped, vols);
+    metadata.rootfs_diff_capture = how;
     metadata.phases = Phases {
         freeze_ms: 0.0,
         diff_ms,
         dump_ms,
         thaw_ms: 0.0,
         total_ms: ms(started.elapsed()),
+        precopy_ms,
+        archive_ms,
     };
     metadata.criu_version = criu_version(&work.join(DUMP_LOG));
     metadata.images_bytes = dir_size(image);

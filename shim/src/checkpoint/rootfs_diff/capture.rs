@@ -1,5 +1,19 @@
 //! Capture: the overlay upperdir written as `rootfs-diff.tar` + `deleted.files`.
 //!
+//! In two steps: a [`Snapshot`] of the upper (every entry's metadata, xattrs, link targets,
+//! deletions and sparse map, taken while the container is stopped), then [`Snapshot::write`],
+//! the archive.
+//!
+//! - The copying path: the archive is written from the upper itself, in the stop.
+//! - The reflink path, where the upper's filesystem clones extents (xfs, btrfs): the snapshot
+//!   clones each changed file's bytes into [`Clones`], and the archive is written from them after
+//!   the container goes on. A first snapshot ([`Snapshot::precopy`]) clones everything while the
+//!   container runs; the one in the stop ([`Snapshot::again`]) takes again only the files whose
+//!   inode, size or ctime changed since, so that the stop costs a walk of the upper, not a clone
+//!   of every file. A file is taken from the first snapshot only if its ctime then was older than
+//!   the clock when that snapshot began: any write after its clone gets a ctime at least that
+//!   clock, so it cannot go unseen, even with coarse timestamps.
+//!
 //! Names are bytes throughout. deleted.files is a JSON list of strings (what
 //! Podman, CRI-O and checkpointctl read), so a deleted path that is not UTF-8
 //! goes into the archive instead, as an OCI whiteout `<dir>/.wh.<name>`.
@@ -8,69 +22,327 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     ffi::{OsStr, OsString},
     fs::{self, File},
-    io::{self, BufWriter},
+    io::{self, BufWriter, Read},
     os::unix::{
         ffi::OsStrExt,
-        fs::{FileTypeExt, MetadataExt},
+        fs::{FileExt, FileTypeExt, MetadataExt},
     },
     path::{Path, PathBuf},
 };
 
 use tar::{Builder, EntryType, Header, HeaderMode};
 
-use super::{apply::WHITEOUT, sparse, DiffStats, Overlay};
+use super::{
+    apply::WHITEOUT,
+    clones::{Clones, Stored},
+    sparse::{self, Segment},
+    DiffStats, Overlay,
+};
 use crate::{
     checkpoint::layout::{DELETED_FILES, ROOTFS_DIFF},
     error::{Error, Result},
 };
 
-/// Writes the changes in `overlay.upper` into `dir`.
+/// Writes the changes in `overlay.upper` into `dir` at once, from the upper itself.
 pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
-    let tar_path = dir.join(ROOTFS_DIFF);
-    let out =
-        File::create(&tar_path).map_err(Error::io(format!("create {}", tar_path.display())))?;
-    let mut builder = Builder::new(BufWriter::with_capacity(1 << 20, out));
-    builder.mode(HeaderMode::Complete);
-    builder.follow_symlinks(false);
-    let mut state = Capture {
-        overlay,
-        builder,
-        links: HashMap::new(),
-        deleted: Vec::new(),
-        seen_deleted: HashSet::new(),
-        stats: DiffStats::default(),
+    Snapshot::take(overlay, None, HashMap::new())?.write(dir)
+}
+
+/// PAX records (`SCHILY.xattr.<name>`, value) of an entry's xattrs.
+type Pax = Vec<(String, Vec<u8>)>;
+
+/// Where a file's bytes are read from when the archive is written.
+enum Data {
+    /// The upper itself (the copying path: written in the same stop).
+    Live(PathBuf),
+    /// The clone store.
+    At(Stored),
+}
+
+/// One archive entry, as the snapshot saw it.
+enum Op {
+    /// PAX xattr records for the next entry.
+    Pax(Pax),
+    /// A header and nothing else: a directory, a fifo, a `.wh.` whiteout.
+    Empty(Header, PathBuf),
+    /// A symlink or a hard link to an earlier entry.
+    Link(Header, PathBuf, PathBuf),
+    File {
+        header: Header,
+        path: PathBuf,
+        size: u64,
+        data: Data,
+        /// The data segments of a sparse file (only they are stored).
+        segments: Option<Vec<Segment>>,
+    },
+}
+
+/// What says a regular file has not changed: any write, truncation, chmod, chown or xattr change
+/// moves its ctime.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Self {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// A regular file of a first snapshot, for the next one to take as it is if unchanged.
+struct Taken {
+    stamp: Stamp,
+    pax: Option<Pax>,
+    stored: Stored,
+    segments: Option<Vec<Segment>>,
+}
+
+/// The upper as it was when taken: see the module doc.
+pub struct Snapshot {
+    ops: Vec<Op>,
+    deleted: Vec<String>,
+    stats: DiffStats,
+    clones: Option<Clones>,
+    /// A precopy's files, by path, that the next snapshot may take as they are.
+    taken: HashMap<PathBuf, Taken>,
+    /// Files taken as the precopy left them, and files cloned by this snapshot.
+    pub reused: u64,
+    pub retaken: u64,
+}
+
+/// CLOCK_REALTIME_COARSE, the clock the kernel stamps ctimes with (a fine-grained ctime is never
+/// older): (seconds, nanoseconds).
+fn coarse_now() -> (i64, i64) {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    state.walk(Path::new("")).map_err(Error::io(format!(
-        "capture rootfs diff from {}",
-        overlay.upper.display()
-    )))?;
-    let Capture {
-        mut builder,
-        deleted,
-        stats,
-        ..
-    } = state;
-    // No fsync: containerd reads the directory into its content store at once,
-    // and a flush here would only lengthen the freeze.
-    builder
-        .finish()
-        .and_then(|_| {
-            builder
-                .into_inner()?
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .map(drop)
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
+    (ts.tv_sec, ts.tv_nsec)
+}
+
+impl Snapshot {
+    /// The copying path's snapshot, for a [`Snapshot::write`] in the same stop.
+    pub fn copying(overlay: &Overlay) -> Result<Snapshot> {
+        Self::take(overlay, None, HashMap::new())
+    }
+
+    /// The reflink path's first snapshot, the container running: every changed file cloned.
+    pub fn precopy(overlay: &Overlay, clones: Clones) -> Result<Snapshot> {
+        let began = coarse_now();
+        let mut snap = Self::take(overlay, Some(clones), HashMap::new())?;
+        // Changed in the clock tick the precopy began in, or later: a write after its clone could
+        // carry the same ctime. Taken again in the stop.
+        snap.taken.retain(|_, t| t.stamp.ctime < began);
+        Ok(snap)
+    }
+
+    /// The snapshot in the stop, after [`Snapshot::precopy`]: files unchanged since are taken
+    /// from it, the others cloned anew.
+    pub fn again(self, overlay: &Overlay) -> Result<Snapshot> {
+        let clones = self.clones;
+        let mut snap = Self::take(overlay, clones, self.taken)?;
+        snap.taken.clear();
+        Ok(snap)
+    }
+
+    fn take(
+        overlay: &Overlay,
+        clones: Option<Clones>,
+        before: HashMap<PathBuf, Taken>,
+    ) -> Result<Snapshot> {
+        let mut state = Capture {
+            overlay,
+            ops: Vec::new(),
+            clones,
+            before,
+            taken: HashMap::new(),
+            reused: 0,
+            retaken: 0,
+            links: HashMap::new(),
+            deleted: Vec::new(),
+            seen_deleted: HashSet::new(),
+            stats: DiffStats::default(),
+        };
+        state.walk(Path::new("")).map_err(Error::io(format!(
+            "capture rootfs diff from {}",
+            overlay.upper.display()
+        )))?;
+        Ok(Snapshot {
+            ops: state.ops,
+            deleted: state.deleted,
+            stats: state.stats,
+            clones: state.clones,
+            taken: state.taken,
+            reused: state.reused,
+            retaken: state.retaken,
         })
-        .map_err(Error::io(format!("write {}", tar_path.display())))?;
-    let list = serde_json::to_vec(&deleted).map_err(Error::json("encode deleted files"))?;
-    let del_path = dir.join(DELETED_FILES);
-    fs::write(&del_path, list).map_err(Error::io(format!("write {}", del_path.display())))?;
-    Ok(stats)
+    }
+
+    /// The path the bytes took: "reflink" (cloned, archived after the stop) or "copy".
+    pub fn path(&self) -> &'static str {
+        match self.clones {
+            Some(_) => "reflink",
+            None => "copy",
+        }
+    }
+
+    /// Bytes cloned and bytes copied into the clone store (both 0 on the copying path), and the
+    /// time that took.
+    pub fn cloned_copied(&self) -> (u64, u64, std::time::Duration) {
+        self.clones
+            .as_ref()
+            .map(|c| (c.cloned, c.copied, c.took))
+            .unwrap_or_default()
+    }
+
+    /// The snapshot's bytes are in the clone store: the archive can wait for the thaw.
+    pub fn cloned(&self) -> bool {
+        self.clones.is_some()
+    }
+
+    /// Writes `rootfs-diff.tar` and `deleted.files` into `dir`.
+    pub fn write(self, dir: &Path) -> Result<DiffStats> {
+        let tar_path = dir.join(ROOTFS_DIFF);
+        let out =
+            File::create(&tar_path).map_err(Error::io(format!("create {}", tar_path.display())))?;
+        let mut builder = Builder::new(BufWriter::with_capacity(1 << 20, out));
+        builder.mode(HeaderMode::Complete);
+        builder.follow_symlinks(false);
+        let store = self.clones.as_ref();
+        for op in self.ops {
+            write_op(&mut builder, op, store)
+                .map_err(Error::io(format!("write {}", tar_path.display())))?;
+        }
+        // No fsync: containerd reads the directory into its content store at once,
+        // and a flush here would only lengthen the checkpoint.
+        builder
+            .finish()
+            .and_then(|_| {
+                builder
+                    .into_inner()?
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .map(drop)
+            })
+            .map_err(Error::io(format!("write {}", tar_path.display())))?;
+        let list =
+            serde_json::to_vec(&self.deleted).map_err(Error::json("encode deleted files"))?;
+        let del_path = dir.join(DELETED_FILES);
+        fs::write(&del_path, list).map_err(Error::io(format!("write {}", del_path.display())))?;
+        Ok(self.stats)
+    }
+}
+
+/// A file's bytes, wherever the snapshot left them.
+pub(super) enum Source<'a> {
+    Live(File),
+    Stored(&'a Clones, Stored),
+}
+
+impl Source<'_> {
+    /// Reads at `off` of the file; a read past its end gives 0.
+    pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        match self {
+            Source::Live(f) => f.read_at(buf, off),
+            Source::Stored(c, s) => c.read_at(s, buf, off),
+        }
+    }
+}
+
+/// Reads `left` bytes of a source from `pos`, zeros past its end (the header's size holds).
+struct Exact<'a> {
+    src: &'a Source<'a>,
+    pos: u64,
+    left: u64,
+}
+
+impl Read for Exact<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (buf.len() as u64).min(self.left) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = match self.src.read_at(&mut buf[..want], self.pos)? {
+            0 => {
+                buf[..want].fill(0);
+                want
+            }
+            n => n,
+        };
+        self.pos += n as u64;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn write_op(b: &mut Builder<BufWriter<File>>, op: Op, store: Option<&Clones>) -> io::Result<()> {
+    match op {
+        Op::Pax(pax) => {
+            b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        }
+        Op::Empty(mut h, path) => b.append_data(&mut h, path, io::empty()),
+        Op::Link(mut h, path, target) => b.append_link(&mut h, path, target),
+        Op::File {
+            mut header,
+            path,
+            size,
+            data,
+            segments,
+        } => {
+            let src = match (data, store) {
+                (Data::At(s), Some(store)) => Source::Stored(store, s),
+                (Data::At(_), None) => {
+                    return Err(io::Error::other("a cloned file without its clone store"))
+                }
+                (Data::Live(full), _) => Source::Live(File::open(full)?),
+            };
+            match segments {
+                Some(segments) => {
+                    sparse::write_entry(
+                        b.get_mut(),
+                        header,
+                        path.as_os_str().as_bytes(),
+                        &src,
+                        size,
+                        &segments,
+                    )?;
+                    Ok(())
+                }
+                None => b.append_data(
+                    &mut header,
+                    path,
+                    Exact {
+                        src: &src,
+                        pos: 0,
+                        left: size,
+                    },
+                ),
+            }
+        }
+    }
 }
 
 struct Capture<'a> {
     overlay: &'a Overlay,
-    builder: Builder<BufWriter<File>>,
+    ops: Vec<Op>,
+    clones: Option<Clones>,
+    /// The precopy's files, when this is the snapshot in the stop.
+    before: HashMap<PathBuf, Taken>,
+    /// This snapshot's files, when it is a precopy.
+    taken: HashMap<PathBuf, Taken>,
+    reused: u64,
+    retaken: u64,
     /// First path seen for each (dev, inode) with more than one link.
     links: HashMap<(u64, u64), PathBuf>,
     deleted: Vec<String>,
@@ -94,10 +366,15 @@ fn sorted_names(dir: &Path) -> io::Result<Vec<OsString>> {
 impl Capture<'_> {
     fn walk(&mut self, rel: &Path) -> io::Result<()> {
         let dir = self.overlay.upper.join(rel);
-        for name in sorted_names(&dir)? {
+        // Each entry's stat relative to its directory (fstatat), not by its whole path: the walk
+        // runs in the stop.
+        let mut entries: Vec<fs::DirEntry> = fs::read_dir(&dir)?.collect::<io::Result<_>>()?;
+        entries.sort_by_cached_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name();
             let rel = rel.join(&name);
-            let full = self.overlay.upper.join(&rel);
-            let meta = fs::symlink_metadata(&full)?;
+            let full = entry.path();
+            let meta = entry.metadata()?;
             let ft = meta.file_type();
             if is_whiteout(&meta) {
                 // An overlay whiteout: the file is deleted.
@@ -162,7 +439,7 @@ impl Capture<'_> {
         header.set_entry_type(EntryType::Regular);
         header.set_mode(0o644);
         header.set_size(0);
-        self.builder.append_data(&mut header, &path, io::empty())?;
+        self.ops.push(Op::Empty(header, path));
         Ok(())
     }
 
@@ -208,59 +485,107 @@ impl Capture<'_> {
             if let Some(first) = self.links.get(&key) {
                 header.set_entry_type(EntryType::Link);
                 header.set_size(0);
-                self.builder.append_link(&mut header, rel, first)?;
+                self.ops
+                    .push(Op::Link(header, rel.to_path_buf(), first.clone()));
                 self.stats.entries += 1;
                 return Ok(());
             }
             self.links.insert(key, rel.to_path_buf());
         }
-        self.append_xattrs(rel, full)?;
+        if ft.is_file() {
+            return self.append_file(rel, full, meta, header);
+        }
+        if let Some(pax) = self.xattrs(rel, full)? {
+            self.ops.push(Op::Pax(pax));
+        }
         if ft.is_symlink() {
             let target = fs::read_link(full)?;
-            self.builder.append_link(&mut header, rel, target)?;
-        } else if ft.is_file() {
-            let f = File::open(full)?;
-            let size = meta.len();
-            let sparse = meta.blocks().saturating_mul(512) < size;
-            // A file in more pieces than a restore accepts is stored whole.
-            let segments = if sparse {
-                sparse::data_segments(&f, size)
-                    .ok()
-                    .filter(|s| s.len() <= super::limits::MAX_SPARSE_SEGMENTS)
-            } else {
-                None
-            };
-            match segments {
-                Some(segments) => {
-                    let w = self.builder.get_mut();
-                    self.stats.bytes += sparse::write_entry(
-                        w,
-                        header,
-                        rel.as_os_str().as_bytes(),
-                        &f,
-                        size,
-                        &segments,
-                    )?;
-                }
-                None => {
-                    self.stats.bytes += size;
-                    self.builder.append_data(&mut header, rel, f)?;
-                }
-            }
+            self.ops.push(Op::Link(header, rel.to_path_buf(), target));
         } else {
             // Directories and fifos: the header says it all.
             header.set_size(0);
-            self.builder.append_data(&mut header, rel, io::empty())?;
+            self.ops.push(Op::Empty(header, rel.to_path_buf()));
         }
         self.stats.entries += 1;
         Ok(())
     }
 
-    fn append_xattrs(&mut self, rel: &Path, full: &Path) -> io::Result<()> {
-        let mut pax: Vec<(String, Vec<u8>)> = Vec::new();
+    fn append_file(
+        &mut self,
+        rel: &Path,
+        full: &Path,
+        meta: &fs::Metadata,
+        header: Header,
+    ) -> io::Result<()> {
+        let size = meta.len();
+        let stamp = Stamp::of(meta);
+        self.stats.entries += 1;
+        // Unchanged since the precopy: its clone, xattrs and map stand.
+        if let Some(t) = self.before.remove(rel).filter(|t| t.stamp == stamp) {
+            if let Some(pax) = t.pax {
+                self.ops.push(Op::Pax(pax));
+            }
+            self.stats.bytes += stored_bytes(&t.segments, size);
+            self.ops.push(Op::File {
+                header,
+                path: rel.to_path_buf(),
+                size,
+                data: Data::At(t.stored),
+                segments: t.segments,
+            });
+            self.reused += 1;
+            return Ok(());
+        }
+        let pax = self.xattrs(rel, full)?;
+        if let Some(pax) = &pax {
+            self.ops.push(Op::Pax(pax.clone()));
+        }
+        let sparse = meta.blocks().saturating_mul(512) < size;
+        let opened = match (sparse, &self.clones) {
+            (false, None) => None,
+            _ => Some(File::open(full)?),
+        };
+        // A file in more pieces than a restore accepts is stored whole.
+        let segments = match (&opened, sparse) {
+            (Some(f), true) => sparse::data_segments(f, size)
+                .ok()
+                .filter(|s| s.len() <= super::limits::MAX_SPARSE_SEGMENTS),
+            _ => None,
+        };
+        self.stats.bytes += stored_bytes(&segments, size);
+        let data = match (&mut self.clones, &opened) {
+            (Some(clones), Some(f)) => {
+                let stored = clones.take(f, size)?;
+                self.retaken += 1;
+                self.taken.insert(
+                    rel.to_path_buf(),
+                    Taken {
+                        stamp,
+                        pax,
+                        stored,
+                        segments: segments.clone(),
+                    },
+                );
+                Data::At(stored)
+            }
+            _ => Data::Live(full.to_path_buf()),
+        };
+        self.ops.push(Op::File {
+            header,
+            path: rel.to_path_buf(),
+            size,
+            data,
+            segments,
+        });
+        Ok(())
+    }
+
+    /// The xattrs of `full` as PAX records, if it has any to keep.
+    fn xattrs(&mut self, rel: &Path, full: &Path) -> io::Result<Option<Pax>> {
+        let mut pax: Pax = Vec::new();
         // Not every file system supports xattrs; then there are none to keep.
         let Ok(names) = xattr::list(full) else {
-            return Ok(());
+            return Ok(None);
         };
         for name in names {
             let Some(n) = name.to_str() else {
@@ -278,11 +603,15 @@ impl Capture<'_> {
                 pax.push((format!("SCHILY.xattr.{n}"), value));
             }
         }
-        if !pax.is_empty() {
-            self.builder
-                .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-        }
-        Ok(())
+        Ok(Some(pax).filter(|p| !p.is_empty()))
+    }
+}
+
+/// The data bytes an entry stores: its segments' when sparse.
+fn stored_bytes(segments: &Option<Vec<Segment>>, size: u64) -> u64 {
+    match segments {
+        Some(s) => s.iter().map(|s| s.len).sum(),
+        None => size,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod apply;
 mod capture;
+mod clones;
 mod fsat;
 pub(crate) mod limits;
 mod sparse;
@@ -17,7 +18,8 @@ use std::{
 
 use crate::error::{Error, Result};
 pub use apply::{apply, apply_to_host_dir};
-pub use capture::capture;
+pub use capture::{capture, Snapshot};
+pub use clones::Clones;
 
 /// What a capture wrote, or an apply restored.
 #[derive(Clone, Default, Debug)]
@@ -35,6 +37,7 @@ pub struct DiffStats {
 }
 
 /// The upperdir and lowerdirs of the overlay mounted at `rootfs`.
+#[derive(Clone, Debug)]
 pub struct Overlay {
     pub upper: PathBuf,
     pub lowers: Vec<PathBuf>,

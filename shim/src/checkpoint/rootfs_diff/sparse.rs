@@ -63,14 +63,14 @@ pub fn data_segments(file: &File, size: u64) -> io::Result<Vec<Segment>> {
     Ok(out)
 }
 
-/// Writes `file` as a GNU sparse entry named `name` (raw bytes) into `w`,
-/// with `header` already filled from its metadata. Returns the data bytes
-/// stored.
+/// Writes a file as a GNU sparse entry named `name` (raw bytes) into `w`,
+/// with `header` already filled from its metadata; its bytes are read from
+/// `src`. Returns the data bytes stored.
 pub fn write_entry<W: Write>(
     w: &mut W,
     mut header: Header,
     name: &[u8],
-    file: &File,
+    src: &super::capture::Source<'_>,
     size: u64,
     segments: &[Segment],
 ) -> io::Result<u64> {
@@ -126,7 +126,7 @@ pub fn write_entry<W: Write>(
         let mut left = seg.len;
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
-            let n = file.read_at(&mut buf[..want], off)?;
+            let n = src.read_at(&mut buf[..want], off)?;
             if n == 0 {
                 // The file shrank while being read: keep the archive
                 // consistent with its header.

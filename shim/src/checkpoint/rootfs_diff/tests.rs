@@ -1338,3 +1338,243 @@ fn an_all_hole_file_is_a_sparse_entry_without_data() {
     assert_eq!((m.len(), m.blocks()), (1 << 30, 0));
     assert_same_sparse(&upper.join("holes"), &rootfs.join("holes"));
 }
+
+/// An xfs filesystem with reflink, loop-mounted under `top` (mkfs.xfs from xfsprogs, `make deps`;
+/// root). Unmounted on drop.
+struct XfsMount(PathBuf);
+
+impl XfsMount {
+    fn new(top: &std::path::Path) -> Self {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "the reflink tests mount an xfs loop filesystem: run them as root"
+        );
+        let image = top.join("xfs.img");
+        fs::File::create(&image)
+            .unwrap()
+            .set_len(512 << 20)
+            .unwrap();
+        let run = |cmd: &mut std::process::Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image));
+        let mnt = top.join("xfs");
+        fs::create_dir(&mnt).unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt));
+        XfsMount(mnt)
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The reflink path: the snapshot in the stop is the instant it was taken, whatever the upper
+/// was at the precopy before it and whatever it becomes before the archive is written (the
+/// container runs again by then): rewritten, grown, shrunk, sparse, hard-linked and deleted files
+/// all come back as they were in the stop. Files changed between the precopy and the stop, even
+/// rewritten at the same size, are cloned again; the others are the precopy's.
+#[test]
+fn a_reflink_snapshot_is_archived_as_it_was_taken() {
+    let top = tempfile::tempdir().unwrap();
+    let xfs = XfsMount::new(top.path());
+    let upper = xfs.0.join("snap/fs");
+    fs::create_dir_all(upper.join("dir")).unwrap();
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    fs::write(upper.join("big"), &big).unwrap();
+    fs::write(upper.join("dir/small"), "precopy").unwrap();
+    fs::write(upper.join("dir/same-size"), "version 1").unwrap();
+    fs::write(upper.join("dir/gone-later"), "still here").unwrap();
+    fs::write(upper.join("dir/gone-before"), "deleted before the stop").unwrap();
+    fs::write(upper.join("empty"), "").unwrap();
+    symlink("dir/small", upper.join("sym")).unwrap();
+    {
+        let f = fs::File::create(upper.join("sparse")).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 32 << 20).unwrap();
+    }
+    let overlay = Overlay {
+        upper: upper.clone(),
+        lowers: vec![],
+    };
+    // Older than the precopy's clock tick: taken from it if unchanged.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let clones = Clones::probe(&upper).expect("xfs with reflink=1 clones extents");
+    let precopy = Snapshot::precopy(&overlay, clones).unwrap();
+
+    // The container runs on between the precopy and the stop.
+    fs::write(upper.join("dir/small"), "stop").unwrap();
+    fs::write(upper.join("dir/same-size"), "version 2").unwrap();
+    fs::remove_file(upper.join("dir/gone-before")).unwrap();
+    fs::write(upper.join("dir/new-before"), "new before the stop").unwrap();
+    fs::hard_link(upper.join("dir/small"), upper.join("small-link")).unwrap();
+
+    let snap = precopy.again(&overlay).unwrap();
+    assert_eq!(snap.path(), "reflink");
+    // big, sparse, empty, gone-later: as the precopy left them; small (and its new link's inode),
+    // same-size and new-before: cloned again.
+    assert_eq!((snap.reused, snap.retaken), (4, 3));
+    let (cloned, copied, _) = snap.cloned_copied();
+    assert!(cloned >= 3 * 1024 * 1024, "cloned {cloned}");
+    assert!(copied < 64 * 1024, "copied {copied}");
+
+    // The container goes on after the stop.
+    fs::write(upper.join("big"), b"rewritten").unwrap();
+    fs::write(upper.join("dir/small"), "after, and longer than before").unwrap();
+    fs::write(upper.join("dir/same-size"), "version 3").unwrap();
+    fs::remove_file(upper.join("dir/gone-later")).unwrap();
+    fs::write(upper.join("dir/new-later"), "new").unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(upper.join("sparse"))
+            .unwrap(),
+        b"LATER!",
+        32 << 20,
+    )
+    .unwrap();
+
+    let out = top.path().join("out");
+    fs::create_dir(&out).unwrap();
+    snap.write(&out).unwrap();
+    let (_t, rootfs) = rootfs_sandbox();
+    apply(&out, &rootfs).unwrap();
+    assert_eq!(fs::read(rootfs.join("big")).unwrap(), big);
+    assert_eq!(
+        fs::read_to_string(rootfs.join("dir/small")).unwrap(),
+        "stop"
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("dir/same-size")).unwrap(),
+        "version 2"
+    );
+    assert_eq!(
+        fs::metadata(rootfs.join("small-link")).unwrap().ino(),
+        fs::metadata(rootfs.join("dir/small")).unwrap().ino()
+    );
+    assert_eq!(
+        fs::read_to_string(rootfs.join("dir/gone-later")).unwrap(),
+        "still here"
+    );
+    assert!(!rootfs.join("dir/gone-before").exists());
+    assert_eq!(
+        fs::read_to_string(rootfs.join("dir/new-before")).unwrap(),
+        "new before the stop"
+    );
+    assert!(!rootfs.join("dir/new-later").exists());
+    assert_eq!(fs::read(rootfs.join("empty")).unwrap(), b"");
+    assert_eq!(
+        fs::read_link(rootfs.join("sym")).unwrap(),
+        PathBuf::from("dir/small")
+    );
+    let sparse = fs::read(rootfs.join("sparse")).unwrap();
+    assert_eq!(sparse.len(), 64 << 20);
+    assert_eq!(&sparse[32 << 20..(32 << 20) + 6], b"middle");
+}
+
+/// No reflink where the filesystem cannot clone (tmpfs): the copying path.
+#[test]
+fn no_clones_where_the_filesystem_cannot_make_them() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "mounts a tmpfs: run as root"
+    );
+    let top = tempfile::tempdir().unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        top.path(),
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    fs::create_dir(top.path().join("fs")).unwrap();
+    let probed = Clones::probe(&top.path().join("fs"));
+    nix::mount::umount2(top.path(), nix::mount::MntFlags::MNT_DETACH).unwrap();
+    assert!(probed.is_none(), "tmpfs cannot clone extents");
+}
+
+/// Not a test: a repeatable measure of the apply on its own (`cargo test --release -- --ignored
+/// apply_speed --nocapture`; SHIM_APPLY_FILES, SHIM_APPLY_MIB, SHIM_APPLY_DIR), into an overlay
+/// mount as a restore's rootfs is.
+#[test]
+#[ignore]
+fn apply_speed() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (files, mib) = (env("SHIM_APPLY_FILES", 10_000), env("SHIM_APPLY_MIB", 1024));
+    let base = std::env::var("SHIM_APPLY_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let top = tempfile::tempdir_in(base).unwrap();
+    let upper = top.path().join("src");
+    fs::create_dir_all(upper.join("data")).unwrap();
+    let per = (mib << 20) / files;
+    let chunk: Vec<u8> = (0..per).map(|i| (i % 251) as u8).collect();
+    for i in 0..files {
+        fs::write(upper.join(format!("data/f{i:05}")), &chunk).unwrap();
+    }
+    let ckpt = top.path().join("ckpt");
+    fs::create_dir(&ckpt).unwrap();
+    capture(
+        &Overlay {
+            upper,
+            lowers: vec![],
+        },
+        &ckpt,
+    )
+    .unwrap();
+    let (lower, up, work, merged) = (
+        top.path().join("l"),
+        top.path().join("u"),
+        top.path().join("w"),
+        top.path().join("m"),
+    );
+    for d in [&lower, &up, &work, &merged] {
+        fs::create_dir(d).unwrap();
+    }
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(
+            format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                up.display(),
+                work.display()
+            )
+            .as_str(),
+        ),
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let stats = apply(&ckpt, &merged).unwrap();
+    let took = t0.elapsed();
+    nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    eprintln!(
+        "apply: {files} files, {} bytes in {took:?}: {:.2} GB/s",
+        stats.bytes,
+        stats.bytes as f64 / took.as_secs_f64() / 1e9
+    );
+}
