@@ -13,7 +13,8 @@
 # into target/bench-venv when python3 lacks it).
 # Environment: SHIM_BINARY (default target/release/containerd-shim-custom-v2, built here unless
 # set), MIGRATE_BINARY (default target/release/container-migrate, likewise), BENCH_SKIP_BUILD=1 (use what is built), BENCH_VERBOSE=1 (each checkpoint's figures as they
-# come), CARGO, CARGO_TARGET_DIR.
+# come), BENCH_DIFF_FS=default|xfs (the diff scenario on one of its two filesystems only; both by
+# default), CARGO, CARGO_TARGET_DIR.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

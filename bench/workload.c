@@ -13,7 +13,9 @@
  * It reports through /maxgap (written as /maxgap.tmp, then renamed: a reader never sees half a
  * file; no file stays open, so a restore into a fresh rootfs does not need it):
  *
- *   gen=G maxgap_us=M iter=I mib=N
+ *   gen=G maxgap_us=M iter=I mib=N at_us=T
+ *
+ * (T: CLOCK_MONOTONIC, in µs, at the end of the longest gap: where in a checkpoint it fell)
  *
  * written once the memory is touched (the file appearing means "ready"), on every new maximum,
  * every 100 ms, and on SIGUSR1, which also starts a new measurement: G goes up, M goes to 0.
@@ -53,10 +55,13 @@ static void die(const char *what) {
   exit(1);
 }
 
+static uint64_t maxgap_at;
+
 static void report(unsigned long gen, uint64_t maxgap_ns, uint64_t iter, unsigned long mib) {
-  char buf[128];
-  int n = snprintf(buf, sizeof buf, "gen=%lu maxgap_us=%llu iter=%llu mib=%lu\n", gen,
-                   (unsigned long long)(maxgap_ns / 1000), (unsigned long long)iter, mib);
+  char buf[160];
+  int n = snprintf(buf, sizeof buf, "gen=%lu maxgap_us=%llu iter=%llu mib=%lu at_us=%llu\n", gen,
+                   (unsigned long long)(maxgap_ns / 1000), (unsigned long long)iter, mib,
+                   (unsigned long long)(maxgap_at / 1000));
   int fd = open(REPORT_TMP, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return; /* a full disk must not kill the workload */
   ssize_t w = write(fd, buf, (size_t)n);
@@ -137,6 +142,7 @@ int main(int argc, char **argv) {
       changed = 1;
     } else if (t - prev > maxgap) {
       maxgap = t - prev;
+      maxgap_at = t;
       changed = 1;
     }
     prev = t;

@@ -1,60 +1,105 @@
-//! The rootfs diff: capture in the checkpoint, apply at restore, with many files or one big one.
+//! The rootfs diff: capture in the checkpoint, apply at restore, with many files or one big one,
+//! on the default disk (the copying path) and with containerd's root on an xfs loop filesystem
+//! (the reflink path).
 
-use integration::Runtime;
+use integration::{xfs::Xfs, Containerd, Runtime, Setup};
 
 use super::scenarios::*;
+
+/// The key of a diff figure: `diff_<what>_<count>` on the default disk, `diff_<what>_xfs_<count>`
+/// on xfs.
+pub fn key(what: &str, fs: &str, count: u64) -> String {
+    match fs {
+        "" => format!("diff_{what}_{count}"),
+        fs => format!("diff_{what}_{fs}_{count}"),
+    }
+}
+
+/// The diff scenario again, with a second containerd whose root is on a fresh xfs loop
+/// filesystem (reflink); its figures go into `b`'s results.
+pub fn on_xfs(b: &mut Bench<'_>) -> Result<(), String> {
+    // The blob, the checkpoint's work dir and the restored rootfs each hold the diff once or twice.
+    let gib = (b.cfg.diff_mib * 8).div_ceil(1024).max(4);
+    let xfs = Xfs::new(gib)?;
+    let cd = Containerd::start_with(Setup {
+        base: Some(xfs.path().to_path_buf()),
+        ..Default::default()
+    });
+    let image = b.cfg.image.to_string_lossy().into_owned();
+    let imported = cd.ctr(["images", "import", &image]);
+    if !imported.status.success() {
+        return Err(format!(
+            "xfs containerd: ctr images import: {}",
+            integration::show(&imported)
+        ));
+    }
+    let mut xb = Bench::new(&cd, b.cfg.clone())?;
+    xb.res = std::mem::take(&mut b.res);
+    let r = xb.rootfs_diff("xfs");
+    b.res = std::mem::take(&mut xb.res);
+    drop(xb);
+    drop(cd);
+    drop(xfs);
+    r
+}
 
 impl Bench<'_> {
     // ---- rootfs diff ------------------------------------------------------------------------------
 
-    pub fn rootfs_diff(&mut self) -> Result<(), String> {
+    /// `fs`: "" on the default disk, "xfs" on [`on_xfs`]'s containerd.
+    pub fn rootfs_diff(&mut self, fs: &str) -> Result<(), String> {
         let mib = self.cfg.diff_mib;
+        let on = match fs {
+            "" => String::new(),
+            fs => format!("{fs}: "),
+        };
         for count in self.cfg.diff_files.clone() {
             let what = format!(
-                "{mib} MiB as {count} file{}",
+                "{on}{mib} MiB as {count} file{}",
                 if count == 1 { "" } else { "s" }
             );
+            let k = |w: &str| key(w, fs, count);
             let r = &mut self.res;
             let g = "Rootfs diff (files written in the container's rootfs, live checkpoint, restore into a new container)";
             r.group(g)
                 .higher(
-                    format!("diff_capture_{count}"),
+                    k("capture"),
                     "Rootfs diff throughput (GB/s)",
                     format!("{what}: capture (bytes / diff phase)"),
                     "GB/s",
                 )
                 .higher(
-                    format!("diff_apply_{count}"),
+                    k("apply"),
                     "Rootfs diff throughput (GB/s)",
                     format!("{what}: apply (bytes / Tasks.Create)"),
                     "GB/s",
                 )
                 .higher(
-                    format!("diff_apply_shim_{count}"),
+                    k("apply_shim"),
                     "Rootfs diff throughput (GB/s)",
                     format!("{what}: apply (bytes / the shim's own apply time)"),
                     "GB/s",
                 )
                 .lower(
-                    format!("diff_rpc_{count}"),
+                    k("rpc"),
                     "Rootfs diff checkpoint (ms)",
                     format!("{what}: Tasks.Checkpoint RPC"),
                     "ms",
                 )
                 .lower(
-                    format!("diff_stall_{count}"),
+                    k("stall"),
                     "Rootfs diff checkpoint (ms)",
                     format!("{what}: workload stall"),
                     "ms",
                 )
                 .lower(
-                    format!("diff_create_{count}"),
+                    k("create"),
                     "Rootfs diff checkpoint (ms)",
                     format!("{what}: Tasks.Create (restore)"),
                     "ms",
                 )
                 .lower(
-                    format!("diff_size_{count}"),
+                    k("size"),
                     "Checkpoint size (MiB)",
                     format!("{what}: checkpoint blob"),
                     "MiB",
@@ -67,7 +112,7 @@ impl Bench<'_> {
                 ));
                 for rt in order(round) {
                     check_interrupted()?;
-                    let id = self.id(&format!("df{count}"), rt);
+                    let id = self.id(&format!("df{fs}{count}"), rt);
                     let mut args = Self::workload_cmd(1, self.cfg.sleep_us);
                     args.extend(["/data".to_string(), count.to_string(), mib.to_string()]);
                     let pid = self.start_workload(rt, &id, &args)?;
@@ -79,29 +124,29 @@ impl Bench<'_> {
                     self.api.drop_lease()?;
                     let (rpc, stall, size, create, meta, back, apply_ms) = result?;
                     self.files_back[rt as usize] = Some(back);
-                    self.res.add(&format!("diff_rpc_{count}"), rt, rpc);
-                    self.res.add(&format!("diff_stall_{count}"), rt, stall);
-                    self.res.add(&format!("diff_create_{count}"), rt, create);
-                    self.res.add(&format!("diff_size_{count}"), rt, size / MIB);
+                    let path = meta
+                        .as_ref()
+                        .map(|m| m["rootfs_diff_capture"]["path"].clone());
+                    if let (Some(path), 0) = (path, round) {
+                        self.res.note(
+                            "rootfs diff",
+                            format!("{what}: the custom shim took the diff's bytes by {path}"),
+                        );
+                    }
+                    self.res.add(&k("rpc"), rt, rpc);
+                    self.res.add(&k("stall"), rt, stall);
+                    self.res.add(&k("create"), rt, create);
+                    self.res.add(&k("size"), rt, size / MIB);
                     if let Some(meta) = meta {
                         let bytes = meta["rootfs_diff_bytes"].as_f64().unwrap_or(0.0);
                         let diff_ms = meta["phases"]["diff_ms"].as_f64().unwrap_or(f64::NAN);
-                        self.res.add(
-                            &format!("diff_capture_{count}"),
-                            rt,
-                            bytes / (diff_ms / 1000.0) / 1e9,
-                        );
-                        self.res.add(
-                            &format!("diff_apply_{count}"),
-                            rt,
-                            bytes / (create / 1000.0) / 1e9,
-                        );
+                        self.res
+                            .add(&k("capture"), rt, bytes / (diff_ms / 1000.0) / 1e9);
+                        self.res
+                            .add(&k("apply"), rt, bytes / (create / 1000.0) / 1e9);
                         if let Some(apply_ms) = apply_ms {
-                            self.res.add(
-                                &format!("diff_apply_shim_{count}"),
-                                rt,
-                                bytes / (apply_ms / 1000.0) / 1e9,
-                            );
+                            self.res
+                                .add(&k("apply_shim"), rt, bytes / (apply_ms / 1000.0) / 1e9);
                         }
                     }
                 }
@@ -113,7 +158,7 @@ impl Bench<'_> {
             None => "not measured",
         };
         let line = format!(
-            "files written before a live checkpoint are back after a restore into a fresh rootfs: Go {}, custom {}",
+            "{on}files written before a live checkpoint are back after a restore into a fresh rootfs: Go {}, custom {}",
             back(Runtime::RuncV2),
             back(Runtime::Custom)
         );
@@ -142,19 +187,24 @@ impl Bench<'_> {
         String,
     > {
         let gen = self.arm_stall(pid)?;
+        let t0 = super::measure::monotonic_us();
         let (desc, rpc) = self.api.checkpoint(id, false)?;
         let stall = self.read_stall(pid, gen)?;
+        // Where in the RPC the longest gap ended (for BENCH_VERBOSE).
+        let gap_at = super::measure::read_report(pid)
+            .map(|r| (r.at_us as f64 - t0 as f64) / 1000.0)
+            .unwrap_or(f64::NAN);
         let meta = match rt {
             Runtime::Custom => Some(self.shim_metadata(&desc)?),
             Runtime::RuncV2 => None,
         };
         if verbose() {
             log(format!(
-                "{id}: RPC {:.1} ms, stall {stall:.1} ms, blob {} bytes, phases {}",
+                "{id}: RPC {:.1} ms, stall {stall:.1} ms ending {gap_at:.0} ms into the RPC, blob {} bytes, phases {}",
                 ms(rpc),
                 desc.size,
                 meta.as_ref()
-                    .map(|m| m["phases"].to_string())
+                    .map(|m| format!("{} {}", m["phases"], m["rootfs_diff_capture"]))
                     .unwrap_or_default()
             ));
         }

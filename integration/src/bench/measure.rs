@@ -42,12 +42,26 @@ pub struct Report {
     pub gen: u64,
     pub maxgap_us: u64,
     pub iter: u64,
+    /// CLOCK_MONOTONIC (µs) at the end of the longest gap (see [`monotonic_us`]).
+    pub at_us: u64,
+}
+
+/// CLOCK_MONOTONIC now, in µs: the workload's clock for `at_us`.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 pub fn parse_report(text: &str) -> Option<Report> {
     let mut gen = None;
     let mut maxgap = None;
     let mut iter = None;
+    let mut at_us = 0;
     for kv in text.split_whitespace() {
         let (k, v) = kv.split_once('=')?;
         let v: u64 = v.parse().ok()?;
@@ -55,6 +69,7 @@ pub fn parse_report(text: &str) -> Option<Report> {
             "gen" => gen = Some(v),
             "maxgap_us" => maxgap = Some(v),
             "iter" => iter = Some(v),
+            "at_us" => at_us = v,
             _ => {}
         }
     }
@@ -62,6 +77,7 @@ pub fn parse_report(text: &str) -> Option<Report> {
         gen: gen?,
         maxgap_us: maxgap?,
         iter: iter?,
+        at_us,
     })
 }
 
@@ -234,13 +250,14 @@ mod tests {
 
     #[test]
     fn workload_report() {
-        let r = parse_report("gen=2 maxgap_us=1234 iter=99 mib=16\n").unwrap();
+        let r = parse_report("gen=2 maxgap_us=1234 iter=99 mib=16 at_us=5\n").unwrap();
         assert_eq!(
             r,
             Report {
                 gen: 2,
                 maxgap_us: 1234,
-                iter: 99
+                iter: 99,
+                at_us: 5,
             }
         );
         assert!(parse_report("").is_none());

@@ -106,35 +106,53 @@ impl Bench<'_> {
         }
         for count in &self.cfg.diff_files {
             let mib = self.cfg.diff_mib;
-            // A stall that does not grow with the diff: the Go shim, which captures none, is the
-            // stall without it.
-            let key = format!("diff_stall_{count}");
-            if let (Some(g), Some(c)) = (r.median(&key, go), r.median(&key, cu)) {
+            // A stall that does not grow with the diff where the filesystem clones extents (xfs):
+            // the Go shim, which captures none, is the stall without it. On the default disk
+            // (the copying path) the stall is reported, with no goal.
+            for (fs, goal) in [("xfs", true), ("", false)] {
+                let key = super::diff::key("stall", fs, *count);
+                if let (Some(g), Some(c)) = (r.median(&key, go), r.median(&key, cu)) {
+                    let on = match fs {
+                        "" => "the default disk (copying path)",
+                        _ => "xfs (reflink)",
+                    };
+                    t.push(Target {
+                        what: format!(
+                            "{on}: stall with a {mib} MiB rootfs diff as {count} file(s) ≤ 1.5× the stall without one"
+                        ),
+                        measured: format!(
+                            "{} ms vs {} ms (the Go shim's, which captures no diff; ×{:.2})",
+                            num(c),
+                            num(g),
+                            c / g
+                        ),
+                        met: goal.then_some(c <= 1.5 * g),
+                    });
+                }
+            }
+            // The copying path's capture (in the stop), an earlier goal.
+            if let Some(c) = r.median(&super::diff::key("capture", "", *count), cu) {
                 t.push(Target {
                     what: format!(
-                        "stall with a {mib} MiB rootfs diff as {count} file(s) ≤ 1.5× the stall without one"
+                        "default disk: rootfs diff capture, {mib} MiB as {count} file(s) ≥ 1 GB/s"
                     ),
-                    measured: format!(
-                        "{} ms vs {} ms (the Go shim's, which captures no diff; ×{:.2})",
-                        num(c),
-                        num(g),
-                        c / g
-                    ),
-                    met: Some(c <= 1.5 * g),
+                    measured: format!("{c:.2} GB/s"),
+                    met: Some(c >= 1.0),
                 });
             }
             let apply_goal = if *count == 1 { 1.0 } else { 0.6 };
-            for (kind, key, goal) in [
-                ("capture", "diff_capture", 1.0),
-                ("apply, shim's own time", "diff_apply_shim", apply_goal),
-            ] {
-                if let Some(c) = r.median(&format!("{key}_{count}"), cu) {
+            for fs in ["", "xfs"] {
+                let on = match fs {
+                    "" => "default disk",
+                    _ => "xfs",
+                };
+                if let Some(c) = r.median(&super::diff::key("apply_shim", fs, *count), cu) {
                     t.push(Target {
                         what: format!(
-                            "rootfs diff {kind}, {mib} MiB as {count} file(s) ≥ {goal} GB/s"
+                            "{on}: rootfs diff apply (the shim's own time), {mib} MiB as {count} file(s) ≥ {apply_goal} GB/s"
                         ),
                         measured: format!("{c:.2} GB/s"),
-                        met: Some(c >= goal),
+                        met: Some(c >= apply_goal),
                     });
                 }
             }

@@ -222,7 +222,18 @@ fn main() {
             "restore" => b.restore(),
             "cri" => b.cri(),
             "migrate" => b.migrate(),
-            _ => b.rootfs_diff(),
+            // BENCH_DIFF_FS=default or =xfs: one of the two.
+            _ => {
+                let fs = std::env::var("BENCH_DIFF_FS").unwrap_or_default();
+                let default = match fs.as_str() {
+                    "xfs" => Ok(()),
+                    _ => b.rootfs_diff(""),
+                };
+                match fs.as_str() {
+                    "default" => default,
+                    _ => default.and_then(|()| bench::diff::on_xfs(&mut b)),
+                }
+            }
         };
         eprintln!("bench: {s} took {:.1} s", t.elapsed().as_secs_f64());
         if let Err(e) = r {
