@@ -641,8 +641,14 @@ async fn dump_at_criu_stop(
         let t0 = Instant::now();
         let (diff, skipped) = match overlay {
             Ok(overlay) => {
-                let snap = match precopy {
-                    Some(precopy) => precopy.again(&overlay)?,
+                let snap = match precopy.map(|p| p.again(&overlay)) {
+                    Some(Ok(snap)) => snap,
+                    // A full disk, say: the processes are still stopped, the copying path
+                    // takes the files all the same.
+                    Some(Err(e)) => {
+                        warn!("rootfs diff from the precopy: {e}; copying instead");
+                        rootfs_diff::Snapshot::copying(&overlay)?
+                    }
                     None => rootfs_diff::Snapshot::copying(&overlay)?,
                 };
                 match snap.cloned() {

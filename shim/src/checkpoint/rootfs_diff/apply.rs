@@ -119,8 +119,9 @@ impl Root {
     }
 
     /// The directory holding `rel`, resolved beneath the rootfs with no
-    /// symlink in any component. No cache: each entry resolves afresh, so a
-    /// component an earlier entry replaced is seen as it is now.
+    /// symlink in any component, afresh: a component an earlier entry replaced
+    /// is seen as it is now (`apply_to` keeps only the last entry's parent, for
+    /// the next entry in the same directory).
     /// `None` when a component is missing (or not a directory) and `missing`
     /// is `Absent`.
     fn parent(&self, rel: &Path, missing: Missing) -> Result<Option<OwnedFd>> {

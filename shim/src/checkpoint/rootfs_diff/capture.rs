@@ -10,9 +10,9 @@
 //!   the container goes on. A first snapshot ([`Snapshot::precopy`]) clones everything while the
 //!   container runs; the one in the stop ([`Snapshot::again`]) takes again only the files whose
 //!   inode, size or ctime changed since, so that the stop costs a walk of the upper, not a clone
-//!   of every file. A file is taken from the first snapshot only if its ctime then was older than
-//!   the clock when that snapshot began: any write after its clone gets a ctime at least that
-//!   clock, so it cannot go unseen, even with coarse timestamps.
+//!   of every file. The precopy (`precopy`) records a file only if its ctime was older than a
+//!   second before it began: any write after its clone gets a later ctime, so it cannot go
+//!   unseen, even with coarse timestamps.
 //!
 //! Names are bytes throughout. deleted.files is a JSON list of strings (what
 //! Podman, CRI-O and checkpointctl read), so a deleted path that is not UTF-8
@@ -35,6 +35,7 @@ use tar::{Builder, EntryType, Header, HeaderMode};
 use super::{
     apply::WHITEOUT,
     clones::{Clones, Stored},
+    precopy::{Pax, Stamp, Taken},
     sparse::{self, Segment},
     DiffStats, Overlay,
 };
@@ -47,9 +48,6 @@ use crate::{
 pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
     Snapshot::take(overlay, None, HashMap::new())?.write(dir)
 }
-
-/// PAX records (`SCHILY.xattr.<name>`, value) of an entry's xattrs.
-type Pax = Vec<(String, Vec<u8>)>;
 
 /// Where a file's bytes are read from when the archive is written.
 enum Data {
@@ -77,35 +75,6 @@ enum Op {
     },
 }
 
-/// What says a regular file has not changed: any write, truncation, chmod, chown or xattr change
-/// moves its ctime.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(m: &fs::Metadata) -> Self {
-        Stamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        }
-    }
-}
-
-/// A regular file of a first snapshot, for the next one to take as it is if unchanged.
-struct Taken {
-    stamp: Stamp,
-    pax: Option<Pax>,
-    stored: Stored,
-    segments: Option<Vec<Segment>>,
-}
-
 /// The upper as it was when taken: see the module doc.
 pub struct Snapshot {
     ops: Vec<Op>,
@@ -119,41 +88,33 @@ pub struct Snapshot {
     pub retaken: u64,
 }
 
-/// CLOCK_REALTIME_COARSE, the clock the kernel stamps ctimes with (a fine-grained ctime is never
-/// older): (seconds, nanoseconds).
-fn coarse_now() -> (i64, i64) {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-    (ts.tv_sec, ts.tv_nsec)
-}
-
 impl Snapshot {
     /// The copying path's snapshot, for a [`Snapshot::write`] in the same stop.
     pub fn copying(overlay: &Overlay) -> Result<Snapshot> {
         Self::take(overlay, None, HashMap::new())
     }
 
-    /// The reflink path's first snapshot, the container running: every changed file cloned.
-    pub fn precopy(overlay: &Overlay, clones: Clones) -> Result<Snapshot> {
-        let began = coarse_now();
-        let mut snap = Self::take(overlay, Some(clones), HashMap::new())?;
-        // Changed in the clock tick the precopy began in, or later: a write after its clone could
-        // carry the same ctime. Taken again in the stop.
-        snap.taken.retain(|_, t| t.stamp.ctime < began);
-        Ok(snap)
+    /// The reflink path's first snapshot, the container running: every changed file cloned
+    /// (see `precopy`); only the files, for [`Snapshot::again`].
+    pub fn precopy(overlay: &Overlay, mut clones: Clones) -> Result<Snapshot> {
+        let taken = super::precopy::precopy(&overlay.upper, &mut clones).map_err(Error::io(
+            format!("precopy the rootfs diff from {}", overlay.upper.display()),
+        ))?;
+        Ok(Snapshot {
+            ops: Vec::new(),
+            deleted: Vec::new(),
+            stats: DiffStats::default(),
+            retaken: taken.len() as u64,
+            clones: Some(clones),
+            taken,
+            reused: 0,
+        })
     }
 
     /// The snapshot in the stop, after [`Snapshot::precopy`]: files unchanged since are taken
     /// from it, the others cloned anew.
     pub fn again(self, overlay: &Overlay) -> Result<Snapshot> {
-        let clones = self.clones;
-        let mut snap = Self::take(overlay, clones, self.taken)?;
-        snap.taken.clear();
-        Ok(snap)
+        Self::take(overlay, self.clones, self.taken)
     }
 
     fn take(
@@ -166,7 +127,6 @@ impl Snapshot {
             ops: Vec::new(),
             clones,
             before,
-            taken: HashMap::new(),
             reused: 0,
             retaken: 0,
             links: HashMap::new(),
@@ -183,7 +143,7 @@ impl Snapshot {
             deleted: state.deleted,
             stats: state.stats,
             clones: state.clones,
-            taken: state.taken,
+            taken: HashMap::new(),
             reused: state.reused,
             retaken: state.retaken,
         })
@@ -339,8 +299,6 @@ struct Capture<'a> {
     clones: Option<Clones>,
     /// The precopy's files, when this is the snapshot in the stop.
     before: HashMap<PathBuf, Taken>,
-    /// This snapshot's files, when it is a precopy.
-    taken: HashMap<PathBuf, Taken>,
     reused: u64,
     retaken: u64,
     /// First path seen for each (dev, inode) with more than one link.
@@ -555,18 +513,8 @@ impl Capture<'_> {
         self.stats.bytes += stored_bytes(&segments, size);
         let data = match (&mut self.clones, &opened) {
             (Some(clones), Some(f)) => {
-                let stored = clones.take(f, size)?;
                 self.retaken += 1;
-                self.taken.insert(
-                    rel.to_path_buf(),
-                    Taken {
-                        stamp,
-                        pax,
-                        stored,
-                        segments: segments.clone(),
-                    },
-                );
-                Data::At(stored)
+                Data::At(clones.take(f, size)?)
             }
             _ => Data::Live(full.to_path_buf()),
         };

@@ -283,7 +283,7 @@ pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
 }
 
 /// The names in the directory `dir` (without `.` and `..`).
-fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+pub fn list_dir(dir: &OwnedFd) -> io::Result<Vec<CString>> {
     use std::os::fd::IntoRawFd;
     let dup = dir.try_clone()?.into_raw_fd();
     // SAFETY: fdopendir takes ownership of the duplicate on success.

@@ -7,6 +7,7 @@ mod capture;
 mod clones;
 mod fsat;
 pub(crate) mod limits;
+mod precopy;
 mod sparse;
 #[cfg(test)]
 mod tests;

@@ -1414,8 +1414,8 @@ fn a_reflink_snapshot_is_archived_as_it_was_taken() {
         upper: upper.clone(),
         lowers: vec![],
     };
-    // Older than the precopy's clock tick: taken from it if unchanged.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Settled (changed more than a second before the precopy): taken from it if unchanged.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let clones = Clones::probe(&upper).expect("xfs with reflink=1 clones extents");
     let precopy = Snapshot::precopy(&overlay, clones).unwrap();
 
@@ -1577,4 +1577,38 @@ fn apply_speed() {
         stats.bytes,
         stats.bytes as f64 / took.as_secs_f64() / 1e9
     );
+}
+
+/// The precopy runs while the container does, which may have made its upper hostile: it follows
+/// no symlink (to a directory or to a file), blocks on no fifo, and takes only regular files.
+#[test]
+fn the_precopy_follows_no_symlink_and_blocks_on_no_fifo() {
+    let top = tempfile::tempdir().unwrap();
+    let xfs = XfsMount::new(top.path());
+    let upper = xfs.0.join("snap/fs");
+    fs::create_dir_all(upper.join("dir")).unwrap();
+    fs::write(upper.join("dir/file"), "mine").unwrap();
+    let outside = xfs.0.join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("host-file"), "host").unwrap();
+    symlink(&outside, upper.join("to-dir")).unwrap();
+    symlink(outside.join("host-file"), upper.join("to-file")).unwrap();
+    nix::unistd::mkfifo(
+        &upper.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let overlay = Overlay {
+        upper: upper.clone(),
+        lowers: vec![],
+    };
+    let clones = Clones::probe(&upper).expect("xfs with reflink=1 clones extents");
+    let precopy = Snapshot::precopy(&overlay, clones).unwrap();
+    assert_eq!(
+        precopy.retaken, 1,
+        "only dir/file is a regular file of the upper"
+    );
+    let snap = precopy.again(&overlay).unwrap();
+    assert_eq!((snap.reused, snap.retaken), (1, 0));
 }
