@@ -601,10 +601,10 @@ async fn dump_at_criu_stop(
     let mut metadata = Metadata::before_dump(t, opts, FilesBy::Shim, false, "criu-post-dump");
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
-    // Where the upper's filesystem clones extents, the files' bytes are cloned in the stop and
-    // archived after it; its dirty pages are flushed first, the container running (a clone
-    // writes them back). Not with `exit`: CRIU kills the processes, the stop costs nothing, and
-    // the archive is whole before they go.
+    // Where the upper's filesystem clones extents, its changed files are cloned now, the
+    // container running, and the stop takes again only what changed since (see
+    // `rootfs_diff::capture`). Not with `exit`: CRIU kills the processes, the stop costs nothing,
+    // and the archive is whole before they go. A precopy that fails leaves the copying path.
     let mut precopy_ms = None;
     let precopy = match (&overlay, opts.exit) {
         (Ok(o), false) => {
@@ -612,15 +612,10 @@ async fn dump_at_criu_stop(
             let t0 = Instant::now();
             let id = t.id.to_string();
             let precopy = tokio::task::spawn_blocking(move || {
-                let clones = rootfs_diff::Clones::probe(&o.upper)?;
-                rootfs_diff::Clones::preflush(&o.upper);
-                let precopy = rootfs_diff::Snapshot::precopy(&o, clones)
+                rootfs_diff::Snapshot::precopy(&o)
                     .map_err(|e| warn!("container {id}: rootfs diff precopy, copying instead: {e}"))
-                    .ok();
-                // The clones' metadata written out too, before the stop: CRIU writes its images
-                // to the same filesystem, often, and would wait for the log otherwise.
-                rootfs_diff::Clones::preflush(&o.upper);
-                precopy
+                    .ok()
+                    .flatten()
             })
             .await
             .map_err(|e| Error::Internal(format!("rootfs diff precopy task: {e}")))?;

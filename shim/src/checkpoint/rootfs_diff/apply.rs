@@ -671,7 +671,7 @@ fn xattrs_of<R: io::Read>(entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<X
         let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") else {
             continue;
         };
-        if name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.") {
+        if super::overlay_own_xattr(name) {
             continue;
         }
         let name = CString::new(name).map_err(|_| {

@@ -35,7 +35,7 @@ use tar::{Builder, EntryType, Header, HeaderMode};
 use super::{
     apply::WHITEOUT,
     clones::{Clones, Stored},
-    precopy::{Pax, Stamp, Taken},
+    precopy::{pax_key, Pax, Stamp, Taken},
     sparse::{self, Segment},
     DiffStats, Overlay,
 };
@@ -46,7 +46,7 @@ use crate::{
 
 /// Writes the changes in `overlay.upper` into `dir` at once, from the upper itself.
 pub fn capture(overlay: &Overlay, dir: &Path) -> Result<DiffStats> {
-    Snapshot::take(overlay, None, HashMap::new())?.write(dir)
+    Snapshot::copying(overlay)?.write(dir)
 }
 
 /// Where a file's bytes are read from when the archive is written.
@@ -94,13 +94,22 @@ impl Snapshot {
         Self::take(overlay, None, HashMap::new())
     }
 
-    /// The reflink path's first snapshot, the container running: every changed file cloned
-    /// (see `precopy`); only the files, for [`Snapshot::again`].
-    pub fn precopy(overlay: &Overlay, mut clones: Clones) -> Result<Snapshot> {
+    /// The reflink path's first snapshot, the container running: `None` where the upper's
+    /// filesystem cannot clone extents. The filesystem is flushed first (a clone writes the
+    /// source's dirty pages back, better now than in the stop), every changed file cloned (see
+    /// `precopy`), and the filesystem flushed again (the clones' metadata: CRIU writes its images
+    /// to the same filesystem, often, and would wait for the log otherwise). Only the files are
+    /// kept, for [`Snapshot::again`].
+    pub fn precopy(overlay: &Overlay) -> Result<Option<Snapshot>> {
+        let Some(mut clones) = Clones::probe(&overlay.upper) else {
+            return Ok(None);
+        };
+        Clones::preflush(&overlay.upper);
         let taken = super::precopy::precopy(&overlay.upper, &mut clones).map_err(Error::io(
             format!("precopy the rootfs diff from {}", overlay.upper.display()),
         ))?;
-        Ok(Snapshot {
+        Clones::preflush(&overlay.upper);
+        Ok(Some(Snapshot {
             ops: Vec::new(),
             deleted: Vec::new(),
             stats: DiffStats::default(),
@@ -108,7 +117,7 @@ impl Snapshot {
             clones: Some(clones),
             taken,
             reused: 0,
-        })
+        }))
     }
 
     /// The snapshot in the stop, after [`Snapshot::precopy`]: files unchanged since are taken
@@ -544,11 +553,11 @@ impl Capture<'_> {
                 ));
                 continue;
             };
-            if n.starts_with("trusted.overlay.") || n.starts_with("user.overlay.") {
+            let Some(key) = pax_key(n) else {
                 continue;
-            }
+            };
             if let Ok(Some(value)) = xattr::get(full, &name) {
-                pax.push((format!("SCHILY.xattr.{n}"), value));
+                pax.push((key, value));
             }
         }
         Ok(Some(pax).filter(|p| !p.is_empty()))

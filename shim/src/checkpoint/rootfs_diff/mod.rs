@@ -20,7 +20,14 @@ use std::{
 use crate::error::{Error, Result};
 pub use apply::{apply, apply_to_host_dir};
 pub use capture::{capture, Snapshot};
-pub use clones::Clones;
+#[cfg(test)]
+use clones::Clones;
+
+/// Whether xattr `name` is the overlay's own (`trusted.overlay.*`, `user.overlay.*`): never
+/// archived, never restored.
+fn overlay_own_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
 
 /// What a capture wrote, or an apply restored.
 #[derive(Clone, Default, Debug)]

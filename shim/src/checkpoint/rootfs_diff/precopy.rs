@@ -186,6 +186,15 @@ impl Walk<'_> {
     }
 }
 
+/// The PAX key the archive keeps xattr `name` under; `None` for the overlay's own, which must
+/// never be restored.
+pub(super) fn pax_key(name: &str) -> Option<String> {
+    match super::overlay_own_xattr(name.as_bytes()) {
+        true => None,
+        false => Some(format!("SCHILY.xattr.{name}")),
+    }
+}
+
 /// The xattrs the archive keeps of `file` (as `capture` takes them); `None` when one has a name
 /// that is not UTF-8 (the stop takes such a file, and says what it left out).
 fn pax_of(file: &File) -> io::Result<Option<Pax>> {
@@ -198,11 +207,11 @@ fn pax_of(file: &File) -> io::Result<Option<Pax>> {
         let Some(n) = name.to_str() else {
             return Ok(None);
         };
-        if n.starts_with("trusted.overlay.") || n.starts_with("user.overlay.") {
+        let Some(key) = pax_key(n) else {
             continue;
-        }
+        };
         if let Ok(Some(value)) = file.get_xattr(&name) {
-            pax.push((format!("SCHILY.xattr.{n}"), value));
+            pax.push((key, value));
         }
     }
     Ok(Some(pax))

@@ -1416,8 +1416,9 @@ fn a_reflink_snapshot_is_archived_as_it_was_taken() {
     };
     // Settled (changed more than a second before the precopy): taken from it if unchanged.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let clones = Clones::probe(&upper).expect("xfs with reflink=1 clones extents");
-    let precopy = Snapshot::precopy(&overlay, clones).unwrap();
+    let precopy = Snapshot::precopy(&overlay)
+        .unwrap()
+        .expect("xfs with reflink=1 clones extents");
 
     // The container runs on between the precopy and the stop.
     fs::write(upper.join("dir/small"), "stop").unwrap();
@@ -1603,8 +1604,9 @@ fn the_precopy_follows_no_symlink_and_blocks_on_no_fifo() {
         upper: upper.clone(),
         lowers: vec![],
     };
-    let clones = Clones::probe(&upper).expect("xfs with reflink=1 clones extents");
-    let precopy = Snapshot::precopy(&overlay, clones).unwrap();
+    let precopy = Snapshot::precopy(&overlay)
+        .unwrap()
+        .expect("xfs with reflink=1 clones extents");
     assert_eq!(
         precopy.retaken, 1,
         "only dir/file is a regular file of the upper"
