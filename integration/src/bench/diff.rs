@@ -186,28 +186,7 @@ impl Bench<'_> {
         ),
         String,
     > {
-        let gen = self.arm_stall(pid)?;
-        let t0 = super::measure::monotonic_us();
-        let (desc, rpc) = self.api.checkpoint(id, false)?;
-        let stall = self.read_stall(pid, gen)?;
-        // Where in the RPC the longest gap ended (for BENCH_VERBOSE).
-        let gap_at = super::measure::read_report(pid)
-            .map(|r| (r.at_us as f64 - t0 as f64) / 1000.0)
-            .unwrap_or(f64::NAN);
-        let meta = match rt {
-            Runtime::Custom => Some(self.shim_metadata(&desc)?),
-            Runtime::RuncV2 => None,
-        };
-        if verbose() {
-            log(format!(
-                "{id}: RPC {:.1} ms, stall {stall:.1} ms ending {gap_at:.0} ms into the RPC, blob {} bytes, phases {}",
-                ms(rpc),
-                desc.size,
-                meta.as_ref()
-                    .map(|m| format!("{} {}", m["phases"], m["rootfs_diff_capture"]))
-                    .unwrap_or_default()
-            ));
-        }
+        let (desc, rpc, stall, meta) = self.measured_checkpoint(rt, id, pid)?;
         let (create, _, new_pid) = self.restore_as(id, new, &desc)?;
         let last = format!("/proc/{new_pid}/root/data/f{:05}", count - 1);
         let back = std::path::Path::new(&last).is_file();
@@ -223,14 +202,6 @@ impl Bench<'_> {
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["apply_ms"].as_f64());
-        Ok((
-            ms(rpc),
-            stall,
-            desc.size as f64,
-            create,
-            meta,
-            back,
-            apply_ms,
-        ))
+        Ok((rpc, stall, desc.size as f64, create, meta, back, apply_ms))
     }
 }

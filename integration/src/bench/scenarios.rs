@@ -312,26 +312,51 @@ impl<'a> Bench<'a> {
     ) -> Result<(f64, f64, f64, Option<serde_json::Value>), String> {
         self.seq += 1;
         self.api.take_lease(&format!("bench-{}", self.seq))?;
-        let gen = self.arm_stall(pid)?;
-        let result = self.api.checkpoint(id, false).and_then(|(desc, took)| {
-            let stall = self.read_stall(pid, gen)?;
-            let meta = match rt {
-                Runtime::Custom => Some(self.shim_metadata(&desc)?),
-                Runtime::RuncV2 => None,
-            };
-            if verbose() {
-                log(format!(
-                    "{id}: RPC {:.1} ms, stall {stall:.1} ms, blob {} bytes, phases {}",
-                    ms(took),
-                    desc.size,
-                    meta.as_ref()
-                        .map(|m| m["phases"].to_string())
-                        .unwrap_or_default()
-                ));
-            }
-            Ok((ms(took), stall, desc.size as f64, meta))
-        });
+        let result = self
+            .measured_checkpoint(rt, id, pid)
+            .map(|(desc, rpc, stall, meta)| (rpc, stall, desc.size as f64, meta));
         self.api.drop_lease()?;
         result
+    }
+
+    /// A live checkpoint under the caller's lease, the workload's stall measured around it:
+    /// (descriptor, RPC ms, stall ms, the custom shim's metadata). With BENCH_VERBOSE, its figures
+    /// and where in the RPC the longest gap ended.
+    pub(super) fn measured_checkpoint(
+        &mut self,
+        rt: Runtime,
+        id: &str,
+        pid: u32,
+    ) -> Result<
+        (
+            containerd_client::types::Descriptor,
+            f64,
+            f64,
+            Option<serde_json::Value>,
+        ),
+        String,
+    > {
+        let gen = self.arm_stall(pid)?;
+        let t0 = super::measure::monotonic_us();
+        let (desc, took) = self.api.checkpoint(id, false)?;
+        let stall = self.read_stall(pid, gen)?;
+        let meta = match rt {
+            Runtime::Custom => Some(self.shim_metadata(&desc)?),
+            Runtime::RuncV2 => None,
+        };
+        if verbose() {
+            let gap_at = read_report(pid)
+                .map(|r| (r.at_us as f64 - t0 as f64) / 1000.0)
+                .unwrap_or(f64::NAN);
+            log(format!(
+                "{id}: RPC {:.1} ms, stall {stall:.1} ms ending {gap_at:.0} ms into the RPC, blob {} bytes, phases {}",
+                ms(took),
+                desc.size,
+                meta.as_ref()
+                    .map(|m| format!("{} {}", m["phases"], m["rootfs_diff_capture"]))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok((desc, ms(took), stall, meta))
     }
 }
