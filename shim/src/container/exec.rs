@@ -10,6 +10,85 @@ use crate::{
     io::{self, remove_quietly},
 };
 
+/// What an exec's process spec must be for runc to take it: the OCI
+/// process's fields with their types (as the Go shim's `json.Unmarshal` into
+/// `specs.Process` checks them); runc checks the rest. Not oci-spec's
+/// `Process`: its validation of one field links a regex engine into the shim.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)] // only parsed, to check the types
+struct ProcessSpec {
+    #[serde(default)]
+    terminal: Option<bool>,
+    #[serde(default)]
+    console_size: Option<ConsoleSize>,
+    #[serde(default)]
+    user: Option<User>,
+    #[serde(default)]
+    args: Option<Vec<String>>,
+    #[serde(default)]
+    command_line: Option<String>,
+    #[serde(default)]
+    env: Option<Vec<String>>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    capabilities: Option<std::collections::HashMap<String, Option<Vec<String>>>>,
+    #[serde(default)]
+    rlimits: Option<Vec<Rlimit>>,
+    #[serde(default)]
+    no_new_privileges: Option<bool>,
+    #[serde(default)]
+    apparmor_profile: Option<String>,
+    #[serde(default)]
+    oom_score_adj: Option<i32>,
+    #[serde(default)]
+    selinux_label: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct ConsoleSize {
+    height: u32,
+    width: u32,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+struct User {
+    #[serde(default)]
+    uid: u32,
+    #[serde(default)]
+    gid: u32,
+    #[serde(default)]
+    umask: Option<u32>,
+    #[serde(default)]
+    additional_gids: Option<Vec<u32>>,
+    #[serde(default)]
+    username: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Rlimit {
+    #[serde(rename = "type")]
+    kind: String,
+    hard: u64,
+    soft: u64,
+}
+
+/// The exec's process spec as JSON, once its fields have the OCI types.
+fn check_process_spec(spec: &[u8]) -> Result<serde_json::Value> {
+    let bad = |e: String| Error::InvalidArgument(format!("exec process spec: {e}"));
+    let json: serde_json::Value = serde_json::from_slice(spec).map_err(|e| bad(e.to_string()))?;
+    if !json.is_object() {
+        return Err(bad("not a JSON object".into()));
+    }
+    <ProcessSpec as serde::Deserialize>::deserialize(&json).map_err(|e| bad(e.to_string()))?;
+    Ok(json)
+}
+
 impl Container {
     pub fn add_exec(&self, exec_id: &str, stdio: Stdio, spec: Vec<u8>) -> Result<()> {
         if exec_id.is_empty() {
@@ -17,12 +96,9 @@ impl Container {
         }
         self.init
             .require(&[Status::Running, Status::Paused], "exec in")?;
-        serde_json::from_slice::<oci_spec::runtime::Process>(&spec)
-            .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
+        let mut json = check_process_spec(&spec)?;
         // The request decides the terminal, as with the Go shim: a TTY exec into a
         // container whose own process has none (and the reverse) must work.
-        let mut json: serde_json::Value = serde_json::from_slice(&spec)
-            .map_err(|e| Error::InvalidArgument(format!("exec process spec: {e}")))?;
         json["terminal"] = serde_json::Value::Bool(stdio.terminal);
         let spec = serde_json::to_vec(&json).map_err(Error::json("encode exec process spec"))?;
         let mut execs = lock(&self.execs);
@@ -104,5 +180,31 @@ impl Container {
         }
         lock(&self.execs).remove(exec_id);
         Ok(process)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_process_spec;
+
+    fn parses(json: &str) -> bool {
+        check_process_spec(json.as_bytes()).is_ok()
+    }
+
+    #[test]
+    fn an_exec_spec_is_checked_for_the_types_of_its_fields() {
+        assert!(parses(
+            r#"{"args":["sh","-c","true"],"env":["A=1"],"cwd":"/","user":{"uid":0,"gid":0},
+               "terminal":false,"capabilities":{"bounding":["CAP_KILL"],"ambient":null},
+               "rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024}],
+               "noNewPrivileges":true,"execCPUAffinity":{"initial":"0-1"},"unknown":1}"#
+        ));
+        assert!(parses("{}"));
+        assert!(!parses(r#"{"args":"sh"}"#));
+        assert!(!parses(r#"{"user":{"uid":-1}}"#));
+        assert!(!parses(r#"{"terminal":"yes"}"#));
+        assert!(!parses(r#"{"rlimits":[{"type":"RLIMIT_NOFILE"}]}"#));
+        assert!(!parses("[]"));
+        assert!(!parses("not json"));
     }
 }
