@@ -18,8 +18,8 @@ build: ## build the shim (debug, with the test-only switches of src/test_hooks.r
 	$(CARGO) build -p $(SHIM) --features test-hooks
 	$(CARGO) build -p container-migrate
 
-release: ## build the shim (release: no test switches) and container-migrate
-	$(CARGO) build --release -p $(SHIM) -p container-migrate
+release: ## build the shim (release: no test switches, linked statically) and container-migrate
+	CARGO="$(CARGO)" bash scripts/build-release.sh
 
 install: release ## put the shim and container-migrate in PREFIX/bin (/usr/local/bin) and register io.containerd.custom.v2 in CONTAINERD_CONFIG (/etc/containerd/config.toml)
 	install -D -m 0755 target/release/$(SHIM) $(DESTDIR)$(PREFIX)/bin/$(SHIM)

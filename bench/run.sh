@@ -38,13 +38,9 @@ mkdir -p "$out"
 
 # --- build ---------------------------------------------------------------------------------------
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-  if [ -z "${SHIM_BINARY:-}" ]; then
-    echo "bench: building the release shim (LTO: minutes when it is out of date)"
-    "$CARGO" build --release -p containerd-shim-custom-v2
-  fi
-  if [ -z "${MIGRATE_BINARY:-}" ]; then
-    echo "bench: building container-migrate (release)"
-    "$CARGO" build --release -p container-migrate
+  if [ -z "${SHIM_BINARY:-}" ] || [ -z "${MIGRATE_BINARY:-}" ]; then
+    echo "bench: building the release shim (static, LTO: minutes when it is out of date) and container-migrate"
+    CARGO="$CARGO" bash scripts/build-release.sh
   fi
   echo "bench: building the bench binary"
   "$CARGO" build -p integration --bin bench
