@@ -19,11 +19,9 @@ mod test_hooks;
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_NAME: &str = "io.containerd.custom.v2";
 
-// One thread: a shim is mostly idle, and every thread costs memory. Blocking work
-// (freezing, the rootfs diff) goes to the blocking pool.
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    // CRIU runs the shim as its action script at a restore (see checkpoint/loopback.rs).
+fn main() {
+    // CRIU runs the shim as its action script, several times a restore (see
+    // checkpoint/loopback.rs): that answer comes before anything else is set up.
     if checkpoint::loopback::is_action() {
         std::process::exit(checkpoint::loopback::run_action());
     }
@@ -39,5 +37,20 @@ async fn main() {
         println!("  Revision: {}", env!("SHIM_GIT_REVISION"));
         return;
     }
-    containerd_shim::asynchronous::run::<shim::CustomShim>(RUNTIME_NAME, None).await;
+    // One thread: a shim is mostly idle, and every thread costs memory. Blocking work
+    // (freezing, the rootfs diff) goes to the blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("containerd-shim-custom-v2: cannot start its runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(containerd_shim::asynchronous::run::<shim::CustomShim>(
+        RUNTIME_NAME,
+        None,
+    ));
 }
