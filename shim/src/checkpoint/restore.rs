@@ -177,13 +177,19 @@ impl RestoreSource {
     /// container: the links and work dir the shim made go, and so does
     /// containerd's own unpacked copy (`ctrd-checkpoint*`, which containerd
     /// 2.x never removes). Any other directory is the caller's, left as it is.
-    pub fn finish(self) {
-        self.discard();
+    /// The images go on a thread of their own (see [`Self::discard`]).
+    pub fn finish(self) -> Option<std::thread::JoinHandle<()>> {
+        self.discard()
     }
 
     /// The restore will not happen (the container goes first): the same
     /// clean-up; a caller that tries again hands over a new checkpoint dir.
-    pub fn discard(self) {
+    ///
+    /// containerd's copy holds every memory image: unlinking a few hundred
+    /// MiB takes the filesystem tens to hundreds of milliseconds, which Start
+    /// would otherwise spend after the container already runs. It is removed
+    /// on a thread of its own; the handle is for a caller that must wait.
+    pub fn discard(self) -> Option<std::thread::JoinHandle<()>> {
         if self.linked {
             let _ = fs::remove_dir_all(&self.images);
         }
@@ -195,9 +201,30 @@ impl RestoreSource {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
-        if containerd_temp {
-            if let Err(e) = fs::remove_dir_all(&self.origin) {
-                warn!("remove {}: {e}", self.origin.display());
+        if !containerd_temp {
+            return None;
+        }
+        let remove = |dir: &Path| {
+            if let Err(e) = fs::remove_dir_all(dir) {
+                warn!("remove {}: {e}", dir.display());
+            }
+        };
+        let dir = self.origin;
+        let spawned = std::thread::Builder::new()
+            .name("remove-images".into())
+            .spawn({
+                let dir = dir.clone();
+                move || remove(&dir)
+            });
+        match spawned {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                warn!(
+                    "no thread to remove {} ({e}): removing it here",
+                    dir.display()
+                );
+                remove(&dir);
+                None
             }
         }
     }
@@ -313,7 +340,9 @@ mod tests {
         for (origin, removed) in [(&cri, false), (&temp, true), (&user, false)] {
             let work = dir.path().join("criu-restore");
             fs::create_dir_all(&work).unwrap();
-            source(origin, &work).finish();
+            if let Some(removing) = source(origin, &work).finish() {
+                removing.join().unwrap();
+            }
             assert!(!work.exists(), "the shim's work dir goes");
             assert_eq!(!origin.exists(), removed, "{}", origin.display());
         }

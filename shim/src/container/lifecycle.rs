@@ -159,7 +159,8 @@ impl Container {
             io.tasks.shutdown().await;
         }
         if let Some(source) = super::lock(&self.restore).take() {
-            source.discard();
+            // containerd's copy of the images goes in the background.
+            drop(source.discard());
         }
         self.cleanup_rootfs();
     }
@@ -262,7 +263,7 @@ impl Container {
         self.watch_exit(self.init.clone(), pid, started);
         match daemon {
             // Restored: the images are not kept for the container's life.
-            None => source.finish(),
+            None => drop(source.finish()),
             Some(d) => {
                 d.restored(pid);
                 self.watch_lazy_pages(d, source, pid)
@@ -301,7 +302,7 @@ impl Container {
                     }
                 }
             }
-            source.finish();
+            drop(source.finish());
         });
     }
 
