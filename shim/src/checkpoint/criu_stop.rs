@@ -55,7 +55,8 @@ pub struct Stop {
 
 impl Stop {
     /// In a private directory of the dump's work dir.
-    pub fn prepare(work: &Path) -> Result<Self> {
+    /// `extra`: more lines for CRIU's config.
+    pub fn prepare(work: &Path, extra: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("criu-stop-")
             .tempdir_in(work)
@@ -74,13 +75,8 @@ impl Stop {
         // The running binary, even after an upgrade replaced the file. A CRIU config the shim
         // itself was given in its environment still applies: this one takes its place there.
         let script = format!("/proc/{}/exe", std::process::id());
-        let mut text = std::env::var_os("CRIU_CONFIG_FILE")
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&format!("action-script {script}\n"));
+        let text = super::criu_conf::with_inherited(&format!("action-script {script}\n{extra}"))
+            .map_err(Error::io("the dump's CRIU config"))?;
         std::fs::write(&config, text).map_err(Error::io(format!("write {}", config.display())))?;
         Ok(Self {
             listener,

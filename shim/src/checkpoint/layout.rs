@@ -9,5 +9,7 @@ pub const METADATA: &str = "custom-shim-checkpoint.json";
 /// CRIU's logs, written by runc into the work directory.
 pub const DUMP_LOG: &str = "dump.log";
 pub const RESTORE_LOG: &str = "restore.log";
+/// The CRIU config of a dump the shim freezes for itself (in the work dir).
+pub const DUMP_CONFIG: &str = "criu-dump.conf";
 /// Written in the bundle at a restore: how long applying the rootfs diff took, and its size.
 pub const RESTORE_RECORD: &str = "custom-shim-restore.json";

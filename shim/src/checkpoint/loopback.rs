@@ -71,20 +71,11 @@ pub fn install(bundle: &Path) -> Result<Option<Installed>> {
     if !own_network_namespace(&spec) {
         return Ok(None);
     }
-    let mut text = String::new();
-    if let Some(inherited) = std::env::var_os("CRIU_CONFIG_FILE") {
-        let inherited = PathBuf::from(inherited);
-        let t = fs::read_to_string(&inherited).map_err(Error::io(format!(
-            "read CRIU_CONFIG_FILE {}",
-            inherited.display()
-        )))?;
-        text.push_str(&t);
-        text.push('\n');
-    }
-    text.push_str(&format!(
+    let text = super::criu_conf::with_inherited(&format!(
         "# containerd-shim-custom-v2: bring lo up in the restored network namespace\naction-script /proc/{}/exe\n",
         std::process::id()
-    ));
+    ))
+    .map_err(Error::io("the restore's CRIU config"))?;
     let path = bundle.join(RESTORE_CRIU_CONFIG);
     fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
     Ok(Some(Installed { path }))

@@ -6,6 +6,7 @@
 //! rootfs, runc and init. The container decides when an operation runs (its
 //! lock, its state, an owned task: see `container/checkpoint.rs`).
 
+mod criu_conf;
 pub mod criu_stop;
 pub mod layout;
 pub mod lazy;
@@ -31,7 +32,7 @@ use crate::{
     owned::Caller,
     runtime::runc::{CheckpointOpts, Runc},
 };
-use layout::{DUMP_LOG, METADATA};
+use layout::{DUMP_CONFIG, DUMP_LOG, METADATA};
 pub use restore::RestoreSource;
 use rootfs_diff::DiffStats;
 
@@ -556,7 +557,23 @@ async fn bracket(
         .await
         .map(Some);
     }
-    if let Err(e) = t.runc.checkpoint(t.id, &criu, &[]).await {
+    // The network lock line, in a config of its own (the lazy dump above keeps CRIU's lock).
+    let config = match criu_conf::network_lock(opts.open_tcp) {
+        "" => None,
+        line => {
+            let text =
+                criu_conf::with_inherited(line).map_err(Error::io("the dump's CRIU config"))?;
+            let path = work.join(DUMP_CONFIG);
+            fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+            Some(path)
+        }
+    };
+    let env: Vec<(&str, &Path)> = config
+        .as_deref()
+        .map(|c| ("CRIU_CONFIG_FILE", c))
+        .into_iter()
+        .collect();
+    if let Err(e) = t.runc.checkpoint(t.id, &criu, &env).await {
         // runc and CRIU are gone (finished or killed): the guard thaws.
         drop(guard);
         return Err(criu_failure("dump", e, work, DUMP_LOG, t.bundle));
@@ -627,7 +644,7 @@ async fn dump_at_criu_stop(
         _ => None,
     };
     caller.check("the checkpoint")?;
-    let stop = criu_stop::Stop::prepare(work)?;
+    let stop = criu_stop::Stop::prepare(work, criu_conf::network_lock(opts.open_tcp))?;
     let criu = criu_opts(image, work, opts);
     let (dir, late) = (image.to_path_buf(), caller.clone());
     let capture = move || {
