@@ -233,6 +233,13 @@ fn consistent_checkpoints(rt: Runtime, cd: &Containerd, path: &str) {
             "{:#}",
             tk.metadata
         );
+        // No open_tcp: CRIU's network lock would keep nothing, and is not taken.
+        assert_eq!(
+            tk.metadata["network_lock"],
+            serde_json::json!("skip"),
+            "{:#}",
+            tk.metadata
+        );
         // Left running and thawed: it goes on counting.
         assert_eq!(
             cd.task("orig").map(|t| t.status).as_deref(),

@@ -33,7 +33,7 @@ use crate::{
     runtime::runc::{CheckpointOpts, Runc},
 };
 use layout::{DUMP_CONFIG, DUMP_LOG, METADATA};
-pub use restore::RestoreSource;
+pub use restore::{wait_for_removals, RestoreSource};
 use rootfs_diff::DiffStats;
 
 /// What checkpoint and restore use of a container.
@@ -229,6 +229,10 @@ struct Metadata {
     /// (in CRIU's own stop, its processes seized) or `shim-freeze` (in a
     /// freeze the shim holds around the whole dump).
     files_captured_in: &'static str,
+    /// CRIU's network lock around the dump: `skip` (no `open_tcp`: nothing for it to keep,
+    /// see `criu_conf::network_lock`), `iptables` (a lazy dump), or `criu` (CRIU's own
+    /// default, or a method the user set in a CRIU config).
+    network_lock: &'static str,
     /// How the rootfs diff's bytes were taken, when the shim took them.
     #[serde(skip_serializing_if = "Option::is_none")]
     rootfs_diff_capture: Option<DiffCapture>,
@@ -260,6 +264,7 @@ impl Metadata {
         files: FilesBy,
         frozen_by_shim: bool,
         files_captured_in: &'static str,
+        network_lock: criu_conf::NetworkLock,
     ) -> Self {
         Metadata {
             dump_flags: DumpFlags {
@@ -286,6 +291,10 @@ impl Metadata {
             images_bytes: 0,
             complete: false,
             files_captured_in,
+            network_lock: match opts.lazy {
+                true => "iptables",
+                false => network_lock.name(),
+            },
             rootfs_diff_capture: None,
             lazy: None,
         }
@@ -531,7 +540,9 @@ async fn bracket(
         FilesBy::Shim => "shim-freeze",
         FilesBy::ContainerdCri => "none",
     };
-    let mut metadata = Metadata::before_dump(t, opts, files, freeze, files_captured_in);
+    let network_lock = criu_conf::NetworkLock::for_dump(opts.open_tcp, t.bundle);
+    let mut metadata =
+        Metadata::before_dump(t, opts, files, freeze, files_captured_in, network_lock);
     if skipped.is_none() {
         metadata.rootfs_diff_capture = Some(DiffCapture::copy());
     }
@@ -558,7 +569,7 @@ async fn bracket(
         .map(Some);
     }
     // The network lock line, in a config of its own (the lazy dump above keeps CRIU's lock).
-    let config = match criu_conf::network_lock(opts.open_tcp) {
+    let config = match network_lock.config_line() {
         "" => None,
         line => {
             let text =
@@ -615,7 +626,15 @@ async fn dump_at_criu_stop(
     let started = Instant::now();
     let freezer = t.freezer()?;
     caller.check("the checkpoint")?;
-    let mut metadata = Metadata::before_dump(t, opts, FilesBy::Shim, false, "criu-post-dump");
+    let network_lock = criu_conf::NetworkLock::for_dump(opts.open_tcp, t.bundle);
+    let mut metadata = Metadata::before_dump(
+        t,
+        opts,
+        FilesBy::Shim,
+        false,
+        "criu-post-dump",
+        network_lock,
+    );
     // Before the dump: images of an `exit` checkpoint never lack their flags.
     write_metadata(image, &metadata)?;
     // Where the upper's filesystem clones extents, its changed files are cloned now, the
@@ -644,7 +663,7 @@ async fn dump_at_criu_stop(
         _ => None,
     };
     caller.check("the checkpoint")?;
-    let stop = criu_stop::Stop::prepare(work, criu_conf::network_lock(opts.open_tcp))?;
+    let stop = criu_stop::Stop::prepare(work, network_lock.config_line())?;
     let criu = criu_opts(image, work, opts);
     let (dir, late) = (image.to_path_buf(), caller.clone());
     let capture = move || {
