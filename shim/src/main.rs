@@ -53,4 +53,6 @@ fn main() {
         RUNTIME_NAME,
         None,
     ));
+    // Images of a restore still being removed are not left half-removed.
+    checkpoint::wait_for_removals();
 }

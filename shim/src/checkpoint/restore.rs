@@ -4,6 +4,8 @@
 use std::{
     fs,
     path::{Path, PathBuf},
+    sync::Mutex,
+    thread::JoinHandle,
     time::Instant,
 };
 
@@ -178,7 +180,7 @@ impl RestoreSource {
     /// containerd's own unpacked copy (`ctrd-checkpoint*`, which containerd
     /// 2.x never removes). Any other directory is the caller's, left as it is.
     /// The images go on a thread of their own (see [`Self::discard`]).
-    pub fn finish(self) -> Option<std::thread::JoinHandle<()>> {
+    pub fn finish(self) {
         self.discard()
     }
 
@@ -188,8 +190,9 @@ impl RestoreSource {
     /// containerd's copy holds every memory image: unlinking a few hundred
     /// MiB takes the filesystem tens to hundreds of milliseconds, which Start
     /// would otherwise spend after the container already runs. It is removed
-    /// on a thread of its own; the handle is for a caller that must wait.
-    pub fn discard(self) -> Option<std::thread::JoinHandle<()>> {
+    /// on a thread of its own, which the shim waits for before it exits
+    /// ([`wait_for_removals`]).
+    pub fn discard(self) {
         if self.linked {
             let _ = fs::remove_dir_all(&self.images);
         }
@@ -201,32 +204,49 @@ impl RestoreSource {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
-        if !containerd_temp {
-            return None;
+        if containerd_temp {
+            remove_in_background(self.origin);
         }
-        let remove = |dir: &Path| {
-            if let Err(e) = fs::remove_dir_all(dir) {
-                warn!("remove {}: {e}", dir.display());
-            }
-        };
-        let dir = self.origin;
-        let spawned = std::thread::Builder::new()
-            .name("remove-images".into())
-            .spawn({
-                let dir = dir.clone();
-                move || remove(&dir)
-            });
-        match spawned {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                warn!(
-                    "no thread to remove {} ({e}): removing it here",
-                    dir.display()
-                );
-                remove(&dir);
-                None
-            }
+    }
+}
+
+/// Removals of containerd's copies of the images still under way.
+static REMOVING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
+fn remove_in_background(dir: PathBuf) {
+    let remove = |dir: &Path| {
+        if let Err(e) = fs::remove_dir_all(dir) {
+            warn!("remove {}: {e}", dir.display());
         }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("remove-images".into())
+        .spawn({
+            let dir = dir.clone();
+            move || remove(&dir)
+        });
+    match spawned {
+        Ok(handle) => {
+            let mut removing = REMOVING.lock().unwrap_or_else(|p| p.into_inner());
+            removing.retain(|h| !h.is_finished());
+            removing.push(handle);
+        }
+        Err(e) => {
+            warn!(
+                "no thread to remove {} ({e}): removing it here",
+                dir.display()
+            );
+            remove(&dir);
+        }
+    }
+}
+
+/// Waits for the removals [`RestoreSource::discard`] left running: the shim
+/// calls it before it exits, which would cut them short.
+pub fn wait_for_removals() {
+    let handles = std::mem::take(&mut *REMOVING.lock().unwrap_or_else(|p| p.into_inner()));
+    for h in handles {
+        let _ = h.join();
     }
 }
 
@@ -340,9 +360,8 @@ mod tests {
         for (origin, removed) in [(&cri, false), (&temp, true), (&user, false)] {
             let work = dir.path().join("criu-restore");
             fs::create_dir_all(&work).unwrap();
-            if let Some(removing) = source(origin, &work).finish() {
-                removing.join().unwrap();
-            }
+            source(origin, &work).finish();
+            wait_for_removals();
             assert!(!work.exists(), "the shim's work dir goes");
             assert_eq!(!origin.exists(), removed, "{}", origin.display());
         }

@@ -160,7 +160,7 @@ impl Container {
         }
         if let Some(source) = super::lock(&self.restore).take() {
             // containerd's copy of the images goes in the background.
-            drop(source.discard());
+            source.discard();
         }
         self.cleanup_rootfs();
     }
@@ -263,7 +263,7 @@ impl Container {
         self.watch_exit(self.init.clone(), pid, started);
         match daemon {
             // Restored: the images are not kept for the container's life.
-            None => drop(source.finish()),
+            None => source.finish(),
             Some(d) => {
                 d.restored(pid);
                 self.watch_lazy_pages(d, source, pid)
@@ -302,7 +302,7 @@ impl Container {
                     }
                 }
             }
-            drop(source.finish());
+            source.finish();
         });
     }
 
