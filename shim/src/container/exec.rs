@@ -11,71 +11,68 @@ use crate::{
 };
 
 /// What an exec's process spec must be for runc to take it: the OCI
-/// process's fields with their types (as the Go shim's `json.Unmarshal` into
-/// `specs.Process` checks them); runc checks the rest. Not oci-spec's
-/// `Process`: its validation of one field links a regex engine into the shim.
+/// process's fields with their types, as the Go shim's `json.Unmarshal` into
+/// `specs.Process` checks them (a `null` is a zero value, unknown fields are
+/// ignored); runc checks the rest. Not oci-spec's `Process`: its validation of
+/// one field links a regex engine into the shim.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code)] // only parsed, to check the types
 struct ProcessSpec {
-    #[serde(default)]
     terminal: Option<bool>,
-    #[serde(default)]
     console_size: Option<ConsoleSize>,
-    #[serde(default)]
     user: Option<User>,
-    #[serde(default)]
-    args: Option<Vec<String>>,
-    #[serde(default)]
+    args: Option<Vec<Option<String>>>,
     command_line: Option<String>,
-    #[serde(default)]
-    env: Option<Vec<String>>,
-    #[serde(default)]
+    env: Option<Vec<Option<String>>>,
     cwd: Option<String>,
-    #[serde(default)]
-    capabilities: Option<std::collections::HashMap<String, Option<Vec<String>>>>,
-    #[serde(default)]
-    rlimits: Option<Vec<Rlimit>>,
-    #[serde(default)]
+    capabilities: Option<Capabilities>,
+    rlimits: Option<Vec<Option<Rlimit>>>,
     no_new_privileges: Option<bool>,
-    #[serde(default)]
     apparmor_profile: Option<String>,
-    #[serde(default)]
     oom_score_adj: Option<i32>,
-    #[serde(default)]
+    scheduler: Option<serde_json::Map<String, serde_json::Value>>,
     selinux_label: Option<String>,
+    io_priority: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(rename = "execCPUAffinity")]
+    exec_cpu_affinity: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
 struct ConsoleSize {
-    height: u32,
-    width: u32,
+    height: Option<u64>,
+    width: Option<u64>,
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code)]
 struct User {
-    #[serde(default)]
-    uid: u32,
-    #[serde(default)]
-    gid: u32,
-    #[serde(default)]
+    uid: Option<u32>,
+    gid: Option<u32>,
     umask: Option<u32>,
-    #[serde(default)]
-    additional_gids: Option<Vec<u32>>,
-    #[serde(default)]
+    additional_gids: Option<Vec<Option<u32>>>,
     username: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct Capabilities {
+    bounding: Option<Vec<Option<String>>>,
+    effective: Option<Vec<Option<String>>>,
+    inheritable: Option<Vec<Option<String>>>,
+    permitted: Option<Vec<Option<String>>>,
+    ambient: Option<Vec<Option<String>>>,
 }
 
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
 struct Rlimit {
     #[serde(rename = "type")]
-    kind: String,
-    hard: u64,
-    soft: u64,
+    kind: Option<String>,
+    hard: Option<u64>,
+    soft: Option<u64>,
 }
 
 /// The exec's process spec as JSON, once its fields have the OCI types.
@@ -200,10 +197,20 @@ mod tests {
                "noNewPrivileges":true,"execCPUAffinity":{"initial":"0-1"},"unknown":1}"#
         ));
         assert!(parses("{}"));
+        // What the Go shim's json.Unmarshal takes too: nulls, missing fields, unknown ones.
+        assert!(parses(
+            r#"{"user":{"uid":null,"umask":null},"args":[null],"rlimits":[{"type":"RLIMIT_CORE"}],
+               "consoleSize":{"height":24},"capabilities":{"bounding":null,"future":7},
+               "scheduler":{"policy":"SCHED_OTHER"},"ioPriority":{"class":"IOPRIO_CLASS_BE"}}"#
+        ));
         assert!(!parses(r#"{"args":"sh"}"#));
         assert!(!parses(r#"{"user":{"uid":-1}}"#));
         assert!(!parses(r#"{"terminal":"yes"}"#));
-        assert!(!parses(r#"{"rlimits":[{"type":"RLIMIT_NOFILE"}]}"#));
+        assert!(!parses(
+            r#"{"rlimits":[{"type":"RLIMIT_NOFILE","hard":"x"}]}"#
+        ));
+        assert!(!parses(r#"{"scheduler":"fifo"}"#));
+        assert!(!parses(r#"{"capabilities":{"bounding":"CAP_KILL"}}"#));
         assert!(!parses("[]"));
         assert!(!parses("not json"));
     }
