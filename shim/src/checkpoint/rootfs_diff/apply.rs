@@ -644,8 +644,7 @@ impl Copier {
     ) -> io::Result<u64> {
         use std::os::fd::AsRawFd;
         // SAFETY: lseek on an open descriptor.
-        if unsafe { libc::lseek(out.as_raw_fd(), out_offset as libc::off_t, libc::SEEK_SET) } < 0
-        {
+        if unsafe { libc::lseek(out.as_raw_fd(), out_offset as libc::off_t, libc::SEEK_SET) } < 0 {
             return Err(io::Error::last_os_error());
         }
         while left > 0 {
