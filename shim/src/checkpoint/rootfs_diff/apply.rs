@@ -17,11 +17,16 @@ use std::{
         unix::ffi::OsStrExt,
     },
     path::{Component, Path, PathBuf},
+    sync::Arc,
 };
 
 use tar::{EntryType, Header};
 
-use super::{fsat, limits, sparse, DiffStats};
+use super::{
+    fsat, limits, sparse,
+    writers::{Copier, Job, Target, Writers},
+    DiffStats,
+};
 use crate::{
     checkpoint::layout::{DELETED_FILES, ROOTFS_DIFF},
     error::{Error, Result},
@@ -305,8 +310,15 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
     // entry can have changed it in between: an entry changes only its own path, and one whose
     // parent is this directory is beneath it, never it or above it (an entry elsewhere resolves
     // its own parent, and takes the place here).
-    let mut last_parent: Option<(PathBuf, OwnedFd)> = None;
-    let mut copier = Copier::default();
+    let mut last_parent: Option<(PathBuf, Arc<OwnedFd>)> = None;
+    // Regular files are written on worker threads (see `writers`).
+    let mut writers = Writers::start(Target {
+        data,
+        rootfs: rootfs.to_path_buf(),
+        mask,
+    });
+    let target = writers.target();
+    let data = &target.data;
     for entry in entries {
         // Given back only once this entry's parent is resolved: an entry that goes another way
         // (a whiteout) drops it.
@@ -320,7 +332,15 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
             continue;
         }
         let rel = safe_relative(&name, false)?;
+        // Only plain files are written by the writers, and never two at a path: anything else
+        // waits until they are done, and so does a file at or beneath one being written.
+        // (A whiteout is a regular file in the archive, and removes another path.)
         let base = rel.file_name().unwrap_or_default().as_bytes();
+        let plain = matches!(kind, EntryType::Regular | EntryType::Continuous)
+            && !base.starts_with(WHITEOUT);
+        if !plain || writers.touches(&rel) {
+            writers.drain()?;
+        }
         if let Some(target) = base.strip_prefix(WHITEOUT) {
             whiteout(&root, &rel, target)?;
             stats.deleted += 1;
@@ -353,14 +373,16 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
         let parent_rel = rel.parent().unwrap_or(Path::new(""));
         let parent = match cached {
             Some((p, fd)) if p == parent_rel => fd,
-            _ => root
-                .parent(&rel, Missing::Create)?
-                .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?,
+            _ => Arc::new(
+                root.parent(&rel, Missing::Create)?
+                    .ok_or_else(|| Error::Internal(format!("no parent for {}", rel.display())))?,
+            ),
         };
-        let pfd = last_parent
+        let pfd_arc = last_parent
             .insert((parent_rel.to_path_buf(), parent))
             .1
-            .as_fd();
+            .clone();
+        let pfd = pfd_arc.as_fd();
         let cname = last_name(&rel)?;
         let io_err = |what: &str| Error::io(format!("{what} {}", root.show(&rel)));
         match kind {
@@ -376,7 +398,18 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                 }
                 dirs.push((rel, header, xattrs));
             }
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            EntryType::Regular | EntryType::Continuous => {
+                writers.write(Job {
+                    parent: pfd_arc.clone(),
+                    name: cname,
+                    rel,
+                    offset: entry.raw_file_position(),
+                    len: entry.size(),
+                    header,
+                    xattrs,
+                })?;
+            }
+            EntryType::GNUSparse => {
                 // Created at once where nothing is in the way (the common case); whatever is
                 // there (even a directory tree) is removed first otherwise.
                 let created = match fsat::create_at(pfd, &cname) {
@@ -387,16 +420,7 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                     other => other,
                 };
                 let f = File::from(created.map_err(io_err("create"))?);
-                let bytes = if kind == EntryType::GNUSparse {
-                    write_sparse(&data, &entry, &f, &rel, &mut copier)?
-                } else {
-                    let (offset, len) = (entry.raw_file_position(), entry.size());
-                    copier
-                        .copy(&data, offset, &f, 0, len)
-                        .map_err(|e| data_error(e, &rel, len, &root))?;
-                    len
-                };
-                stats.bytes += bytes;
+                stats.bytes += write_sparse(data, &entry, &f, &rel, writers.copier())?;
                 finish_fd(f.as_fd(), &header, &xattrs, &rel, mask)?;
             }
             EntryType::Fifo => {
@@ -421,6 +445,8 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
         }
         stats.entries += 1;
     }
+    writers.drain()?;
+    stats.bytes += writers.bytes();
     for (rel, header, xattrs) in dirs.into_iter().rev() {
         let c = fsat::cstring(rel.as_os_str()).map_err(|_| bad_name(&rel))?;
         let fd = match fsat::open_beneath(root.fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY) {
@@ -454,16 +480,6 @@ fn kind_in_words(kind: EntryType) -> String {
         EntryType::XHeader => "a stray pax header".into(),
         EntryType::GNULongName | EntryType::GNULongLink => "a stray GNU long name".into(),
         other => format!("an entry of unknown type {:#04x}", other.as_byte()),
-    }
-}
-
-fn data_error(e: io::Error, rel: &Path, len: u64, root: &Root) -> Error {
-    match e.kind() {
-        io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
-            "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
-            rel.display()
-        )),
-        _ => Error::io(format!("write {}", root.show(rel)))(e),
     }
 }
 
@@ -571,135 +587,9 @@ fn write_sparse<R: io::Read>(
     Ok(map.data_len())
 }
 
-/// Copies file data from the archive: with copy_file_range, so that the data never passes
-/// through user space; where the file systems cannot do that (an overlay rootfs and the
-/// archive's file system), with sendfile, which still copies in the kernel, page cache to page
-/// cache (twice as fast as through a buffer here: 2.1 against 1.0 GB/s into an overlay); and
-/// through one buffer if neither works. Every later file goes the way that worked at once.
-#[derive(Default)]
-struct Copier {
-    no_cfr: bool,
-    no_sendfile: bool,
-    buf: Vec<u8>,
-}
-
-impl Copier {
-    /// Copies `len` bytes at `offset` of the archive into `out` at `out_offset`.
-    fn copy(
-        &mut self,
-        archive: &File,
-        offset: u64,
-        out: &File,
-        out_offset: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let mut off = offset as libc::loff_t;
-        let mut off_out = out_offset as libc::loff_t;
-        let mut left = len;
-        while left > 0 && !self.no_cfr {
-            let chunk = left.min(1 << 30) as usize;
-            // SAFETY: both descriptors are open; the offsets are loff_ts we own.
-            let n = unsafe {
-                libc::copy_file_range(
-                    archive.as_raw_fd(),
-                    &mut off,
-                    out.as_raw_fd(),
-                    &mut off_out,
-                    chunk,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                        self.no_cfr = true;
-                    }
-                    _ => return Err(e),
-                }
-                break;
-            }
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            left -= n as u64;
-        }
-        if left > 0 && !self.no_sendfile {
-            left = self.sendfile(archive, &mut off, out, off_out as u64, left)?;
-            off_out = (out_offset + len - left) as libc::loff_t;
-        }
-        self.buffered(archive, off as u64, out, off_out as u64, left)
-    }
-
-    /// sendfile writes at `out`'s file position: it is set to `out_offset` first. Returns what
-    /// is left to copy (all of it when sendfile cannot write to `out`'s file system).
-    fn sendfile(
-        &mut self,
-        archive: &File,
-        off: &mut libc::loff_t,
-        out: &File,
-        out_offset: u64,
-        mut left: u64,
-    ) -> io::Result<u64> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: lseek on an open descriptor.
-        if unsafe { libc::lseek(out.as_raw_fd(), out_offset as libc::off_t, libc::SEEK_SET) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        while left > 0 {
-            // sendfile moves at most 0x7ffff000 bytes a call.
-            let chunk = left.min(1 << 30) as usize;
-            // SAFETY: both descriptors are open; the offset is a loff_t we own.
-            let n = unsafe { libc::sendfile(out.as_raw_fd(), archive.as_raw_fd(), off, chunk) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                        self.no_sendfile = true;
-                        return Ok(left);
-                    }
-                    _ => return Err(e),
-                }
-            }
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            left -= n as u64;
-        }
-        Ok(left)
-    }
-
-    fn buffered(
-        &mut self,
-        archive: &File,
-        mut offset: u64,
-        out: &File,
-        mut out_offset: u64,
-        mut left: u64,
-    ) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        if left > 0 && self.buf.is_empty() {
-            self.buf = vec![0u8; 1 << 20];
-        }
-        while left > 0 {
-            let want = left.min(self.buf.len() as u64) as usize;
-            let n = archive.read_at(&mut self.buf[..want], offset)?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            out.write_all_at(&self.buf[..n], out_offset)?;
-            offset += n as u64;
-            out_offset += n as u64;
-            left -= n as u64;
-        }
-        Ok(())
-    }
-}
-
 /// Extended attributes of an entry (pax `SCHILY.xattr.*`), without the
 /// overlay's own, which must never be restored.
-type Xattrs = Vec<(CString, Vec<u8>)>;
+pub(super) type Xattrs = Vec<(CString, Vec<u8>)>;
 
 fn xattrs_of<R: io::Read>(entry: &mut tar::Entry<'_, R>, rel: &Path) -> Result<Xattrs> {
     let mut out = Vec::new();
@@ -741,7 +631,7 @@ fn mtime(header: &Header) -> Option<i64> {
 /// Owner, then mode, then xattrs, then times, all through a descriptor of
 /// the object itself: the kernel clears setuid/setgid and file capabilities
 /// on chown, so the mode and xattrs come after it.
-fn finish_fd(
+pub(super) fn finish_fd(
     fd: BorrowedFd<'_>,
     header: &Header,
     xattrs: &Xattrs,

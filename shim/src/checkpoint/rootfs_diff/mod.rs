@@ -11,6 +11,7 @@ mod precopy;
 mod sparse;
 #[cfg(test)]
 mod tests;
+mod writers;
 
 use std::{
     fs,

@@ -812,6 +812,92 @@ fn a_whiteout_entry_removes_its_file_and_is_not_created() {
     assert_eq!(fs::read_dir(&rootfs).unwrap().count(), 0);
 }
 
+/// Files are written on worker threads; every entry still sees what a sequential apply would
+/// have left: the later of two entries at one path wins, a whiteout removes files written just
+/// before it, a file replaces a directory whose files were just written, a directory replaces
+/// a file, and a hard link finds its target written. Run many times: a race would show.
+#[test]
+fn entries_after_files_being_written_see_them_as_written() {
+    for round in 0..20 {
+        let (_top, rootfs, _) = sandbox();
+        let big = vec![b'x'; 256 << 10];
+        let ckpt = checkpoint_with(
+            |b| {
+                for i in 0..50 {
+                    raw_entry(b, &format!("d/f{i}"), EntryType::Regular, None, &big);
+                }
+                raw_entry(b, "twice", EntryType::Regular, None, &big);
+                raw_entry(b, "twice", EntryType::Regular, None, b"second");
+                raw_entry(b, "gone/a", EntryType::Regular, None, &big);
+                raw_entry(b, ".wh.gone", EntryType::Regular, None, b"");
+                raw_entry(b, "d", EntryType::Regular, None, b"now a file");
+                raw_entry(b, "e/f", EntryType::Regular, None, &big);
+                raw_entry(b, "e/f", EntryType::Directory, None, b"");
+                raw_entry(b, "src", EntryType::Regular, None, b"linked");
+                raw_entry(b, "hard", EntryType::Link, Some("src"), b"");
+            },
+            &[],
+        );
+        let stats = apply(ckpt.path(), &rootfs).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(
+            fs::read(rootfs.join("twice")).unwrap(),
+            b"second",
+            "round {round}"
+        );
+        assert!(!rootfs.join("gone").exists(), "round {round}");
+        assert_eq!(
+            fs::read(rootfs.join("d")).unwrap(),
+            b"now a file",
+            "round {round}"
+        );
+        assert!(rootfs.join("e/f").is_dir(), "round {round}");
+        assert_eq!(
+            fs::read(rootfs.join("hard")).unwrap(),
+            b"linked",
+            "round {round}"
+        );
+        assert_eq!(
+            fs::metadata(rootfs.join("hard")).unwrap().ino(),
+            fs::metadata(rootfs.join("src")).unwrap().ino()
+        );
+        assert_eq!(stats.deleted, 1);
+        assert_eq!(
+            stats.bytes,
+            53 * big.len() as u64 + 6 + 10 + 6,
+            "round {round}: every file's bytes counted"
+        );
+    }
+}
+
+/// A writer's failure is the apply's error, and nothing queued after it is left running.
+#[test]
+fn a_file_that_cannot_be_written_fails_the_apply() {
+    let (_top, rootfs, _) = sandbox();
+    let big = vec![b'x'; 64 << 10];
+    let ckpt = checkpoint_with(
+        |b| {
+            for i in 0..20 {
+                raw_entry(b, &format!("ok{i}"), EntryType::Regular, None, &big);
+            }
+            // Claims more bytes than the archive holds: the last entry, cut short.
+            let mut h = Header::new_gnu();
+            h.set_path("short").unwrap();
+            h.set_entry_type(EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(1 << 20);
+            h.set_cksum();
+            b.append(&h, &[0u8; 512][..]).unwrap_or(());
+        },
+        &[],
+    );
+    let e = apply(ckpt.path(), &rootfs).expect_err("a cut archive");
+    let text = e.to_string();
+    assert!(
+        text.contains("short") || text.contains(ROOTFS_DIFF),
+        "the error names the entry or the archive: {text}"
+    );
+}
+
 #[test]
 fn removal_goes_through_descriptors_and_never_follows_a_symlink_inside() {
     let (top, rootfs, canary) = canary_sandbox();
