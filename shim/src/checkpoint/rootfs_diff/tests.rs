@@ -1712,3 +1712,38 @@ fn the_precopy_follows_no_symlink_and_blocks_on_no_fifo() {
     let snap = precopy.again(&overlay).unwrap();
     assert_eq!((snap.reused, snap.retaken), (1, 0));
 }
+
+/// Not a test: the stop's walk of an upper the precopy took whole (`cargo test --release --
+/// --ignored stop_walk_speed --nocapture`; SHIM_WALK_FILES, default 10,000 in 100 directories).
+#[test]
+#[ignore]
+fn stop_walk_speed() {
+    let files: usize = std::env::var("SHIM_WALK_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let top = tempfile::tempdir().unwrap();
+    let xfs = XfsMount::new(top.path());
+    let upper = xfs.0.join("snap/fs");
+    for i in 0..files {
+        let dir = upper.join(format!("d{}", i % 100));
+        if i < 100 {
+            fs::create_dir_all(&dir).unwrap();
+        }
+        fs::write(dir.join(format!("f{i}")), vec![b'x'; 4096 + i % 512]).unwrap();
+    }
+    let overlay = Overlay {
+        upper: upper.clone(),
+        lowers: vec![],
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let precopy = Snapshot::precopy(&overlay).unwrap().expect("reflink");
+    let t0 = std::time::Instant::now();
+    let snap = precopy.again(&overlay).unwrap();
+    let took = t0.elapsed();
+    assert_eq!(snap.reused, files as u64);
+    eprintln!(
+        "stop walk: {files} files in {took:?}: {:.1} µs a file",
+        took.as_secs_f64() * 1e6 / files as f64
+    );
+}
