@@ -24,6 +24,13 @@ pub fn with_inherited(ours: &str) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// Writes the config at `path`: [`with_inherited`]`(ours)`.
+pub fn write(path: &Path, ours: &str) -> crate::error::Result<()> {
+    let context = || format!("write CRIU config {}", path.display());
+    let text = with_inherited(ours).map_err(crate::error::Error::io(context()))?;
+    std::fs::write(path, text).map_err(crate::error::Error::io(context()))
+}
+
 /// CRIU's network lock around a dump, as the shim asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetworkLock {

@@ -75,9 +75,7 @@ impl Stop {
         // The running binary, even after an upgrade replaced the file. A CRIU config the shim
         // itself was given in its environment still applies: this one takes its place there.
         let script = format!("/proc/{}/exe", std::process::id());
-        let text = super::criu_conf::with_inherited(&format!("action-script {script}\n{extra}"))
-            .map_err(Error::io("the dump's CRIU config"))?;
-        std::fs::write(&config, text).map_err(Error::io(format!("write {}", config.display())))?;
+        super::criu_conf::write(&config, &format!("action-script {script}\n{extra}"))?;
         Ok(Self {
             listener,
             socket,

@@ -71,13 +71,14 @@ pub fn install(bundle: &Path) -> Result<Option<Installed>> {
     if !own_network_namespace(&spec) {
         return Ok(None);
     }
-    let text = super::criu_conf::with_inherited(&format!(
-        "# containerd-shim-custom-v2: bring lo up in the restored network namespace\naction-script /proc/{}/exe\n",
-        std::process::id()
-    ))
-    .map_err(Error::io("the restore's CRIU config"))?;
     let path = bundle.join(RESTORE_CRIU_CONFIG);
-    fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+    super::criu_conf::write(
+        &path,
+        &format!(
+            "# containerd-shim-custom-v2: bring lo up in the restored network namespace\naction-script /proc/{}/exe\n",
+            std::process::id()
+        ),
+    )?;
     Ok(Some(Installed { path }))
 }
 

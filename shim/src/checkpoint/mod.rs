@@ -229,8 +229,8 @@ struct Metadata {
     /// (in CRIU's own stop, its processes seized) or `shim-freeze` (in a
     /// freeze the shim holds around the whole dump).
     files_captured_in: &'static str,
-    /// CRIU's network lock around the dump: `skip` (no `open_tcp`: nothing for it to keep,
-    /// see `criu_conf::network_lock`), `iptables` (a lazy dump), or `criu` (CRIU's own
+    /// CRIU's network lock around the dump: `skip` (nothing for it to keep, see
+    /// `criu_conf::NetworkLock::for_dump`), `iptables` (a lazy dump), or `criu` (CRIU's own
     /// default, or a method the user set in a CRIU config).
     network_lock: &'static str,
     /// How the rootfs diff's bytes were taken, when the shim took them.
@@ -572,10 +572,8 @@ async fn bracket(
     let config = match network_lock.config_line() {
         "" => None,
         line => {
-            let text =
-                criu_conf::with_inherited(line).map_err(Error::io("the dump's CRIU config"))?;
             let path = work.join(DUMP_CONFIG);
-            fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
+            criu_conf::write(&path, line)?;
             Some(path)
         }
     };

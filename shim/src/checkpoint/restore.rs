@@ -181,7 +181,7 @@ impl RestoreSource {
     /// 2.x never removes). Any other directory is the caller's, left as it is.
     /// The images go on a thread of their own (see [`Self::discard`]).
     pub fn finish(self) {
-        self.discard()
+        self.discard();
     }
 
     /// The restore will not happen (the container goes first): the same

@@ -24,7 +24,7 @@ use tar::{EntryType, Header};
 
 use super::{
     fsat, limits, sparse,
-    writers::{Copier, Job, Target, Writers},
+    writers::{create_replacing, Copier, Job, Target, Writers},
     DiffStats,
 };
 use crate::{
@@ -410,16 +410,7 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                 })?;
             }
             EntryType::GNUSparse => {
-                // Created at once where nothing is in the way (the common case); whatever is
-                // there (even a directory tree) is removed first otherwise.
-                let created = match fsat::create_at(pfd, &cname) {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        fsat::remove_at(pfd, &cname).map_err(io_err("remove"))?;
-                        fsat::create_at(pfd, &cname)
-                    }
-                    other => other,
-                };
-                let f = File::from(created.map_err(io_err("create"))?);
+                let f = create_replacing(pfd, &cname, || root.show(&rel))?;
                 stats.bytes += write_sparse(data, &entry, &f, &rel, writers.copier())?;
                 finish_fd(f.as_fd(), &header, &xattrs, &rel, mask)?;
             }

@@ -1598,6 +1598,15 @@ fn no_clones_where_the_filesystem_cannot_make_them() {
     assert!(probed.is_none(), "tmpfs cannot clone extents");
 }
 
+/// This thread's user and system CPU time so far, in seconds (for the measures below).
+fn thread_cpu() -> (f64, f64) {
+    // SAFETY: getrusage fills the rusage we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (tv(u.ru_utime), tv(u.ru_stime))
+}
+
 /// Not a test: a repeatable measure of the apply on its own (`cargo test --release -- --ignored
 /// apply_speed --nocapture`; SHIM_APPLY_FILES, SHIM_APPLY_MIB, SHIM_APPLY_DIR), into an overlay
 /// mount as a restore's rootfs is.
@@ -1655,18 +1664,11 @@ fn apply_speed() {
         ),
     )
     .unwrap();
-    let cpu = || {
-        // SAFETY: getrusage fills the rusage we own.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        (tv(u.ru_utime), tv(u.ru_stime))
-    };
-    let (u0, s0) = cpu();
+    let (u0, s0) = thread_cpu();
     let t0 = std::time::Instant::now();
     let stats = apply(&ckpt, &merged).unwrap();
     let took = t0.elapsed();
-    let (u1, s1) = cpu();
+    let (u1, s1) = thread_cpu();
     nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
     // CPU time against the wall's: what is left is waiting (the disk, the journal).
     eprintln!(
@@ -1738,18 +1740,11 @@ fn stop_walk_speed() {
     };
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let precopy = Snapshot::precopy(&overlay).unwrap().expect("reflink");
-    let cpu = || {
-        // SAFETY: getrusage fills the rusage we own.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        (tv(u.ru_utime), tv(u.ru_stime))
-    };
-    let (u0, s0) = cpu();
+    let (u0, s0) = thread_cpu();
     let t0 = std::time::Instant::now();
     let snap = precopy.again(&overlay).unwrap();
     let took = t0.elapsed();
-    let (u1, s1) = cpu();
+    let (u1, s1) = thread_cpu();
     assert_eq!(snap.reused, files as u64);
     eprintln!(
         "stop walk: {files} files in {took:?}: {:.1} µs a file; cpu user {:.1} ms, sys {:.1} ms",

@@ -12,10 +12,10 @@
 
 use std::{
     collections::HashSet,
-    ffi::CString,
+    ffi::{CStr, CString},
     fs::File,
     io,
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{mpsc, Arc, Condvar, Mutex},
     thread::JoinHandle,
@@ -241,16 +241,7 @@ fn work(rx: &Mutex<mpsc::Receiver<Job>>, shared: &Shared, target: &Target) {
 /// owner, mode, xattrs and times. Returns the bytes written.
 fn write(job: &Job, target: &Target, copier: &mut Copier) -> Result<u64> {
     let show = || target.rootfs.join(&job.rel).display().to_string();
-    let pfd = job.parent.as_fd();
-    let created = match fsat::create_at(pfd, &job.name) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            fsat::remove_at(pfd, &job.name)
-                .map_err(|e| Error::io(format!("remove {}", show()))(e))?;
-            fsat::create_at(pfd, &job.name)
-        }
-        other => other,
-    };
-    let f = File::from(created.map_err(|e| Error::io(format!("create {}", show()))(e))?);
+    let f = create_replacing(job.parent.as_fd(), &job.name, show)?;
     copier
         .copy(&target.data, job.offset, &f, 0, job.len)
         .map_err(|e| data_error(e, &job.rel, job.len, &show()))?;
@@ -258,7 +249,25 @@ fn write(job: &Job, target: &Target, copier: &mut Copier) -> Result<u64> {
     Ok(job.len)
 }
 
-pub(super) fn data_error(e: io::Error, rel: &Path, len: u64, shown: &str) -> Error {
+/// Creates `name` in `dir`, at once where nothing is in the way (the common case); whatever is
+/// there (even a directory tree) is removed first otherwise. `show` names it in errors.
+pub(super) fn create_replacing(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    show: impl Fn() -> String,
+) -> Result<File> {
+    let created = match fsat::create_at(dir, name) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            fsat::remove_at(dir, name).map_err(|e| Error::io(format!("remove {}", show()))(e))?;
+            fsat::create_at(dir, name)
+        }
+        other => other,
+    };
+    let fd = created.map_err(|e| Error::io(format!("create {}", show()))(e))?;
+    Ok(File::from(fd))
+}
+
+fn data_error(e: io::Error, rel: &Path, len: u64, shown: &str) -> Error {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
             "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
