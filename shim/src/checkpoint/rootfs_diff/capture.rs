@@ -35,7 +35,7 @@ use tar::{Builder, EntryType, Header, HeaderMode};
 use super::{
     apply::WHITEOUT,
     clones::{Clones, Stored},
-    precopy::{pax_key, Pax, Stamp, Taken},
+    precopy::{pax_key, Pax, Stamp, TakenFiles},
     sparse::{self, Segment},
     DiffStats, Overlay,
 };
@@ -57,16 +57,45 @@ enum Data {
     At(Stored),
 }
 
+/// An entry's header as the snapshot saw it: its metadata, made into a tar header only when the
+/// archive is written (after the stop, on the reflink path).
+enum Head {
+    Of(Box<fs::Metadata>),
+    /// A `.wh.` whiteout entry: an empty regular file.
+    Whiteout,
+}
+
+impl Head {
+    fn of(meta: &fs::Metadata) -> Self {
+        Head::Of(Box::new(meta.clone()))
+    }
+
+    fn header(&self) -> Header {
+        let mut header = Header::new_gnu();
+        match self {
+            Head::Of(meta) => header.set_metadata_in_mode(meta, HeaderMode::Complete),
+            Head::Whiteout => {
+                header.set_entry_type(EntryType::Regular);
+                header.set_mode(0o644);
+                header.set_size(0);
+            }
+        }
+        header
+    }
+}
+
 /// One archive entry, as the snapshot saw it.
 enum Op {
     /// PAX xattr records for the next entry.
     Pax(Pax),
     /// A header and nothing else: a directory, a fifo, a `.wh.` whiteout.
-    Empty(Header, PathBuf),
-    /// A symlink or a hard link to an earlier entry.
-    Link(Header, PathBuf, PathBuf),
+    Empty(Head, PathBuf),
+    /// A symlink.
+    Symlink(Head, PathBuf, PathBuf),
+    /// A hard link to an earlier entry.
+    HardLink(Head, PathBuf, PathBuf),
     File {
-        header: Header,
+        head: Head,
         path: PathBuf,
         size: u64,
         data: Data,
@@ -82,7 +111,7 @@ pub struct Snapshot {
     stats: DiffStats,
     clones: Option<Clones>,
     /// A precopy's files, by path, that the next snapshot may take as they are.
-    taken: HashMap<PathBuf, Taken>,
+    taken: TakenFiles,
     /// Files taken as the precopy left them, and files cloned by this snapshot.
     pub reused: u64,
     pub retaken: u64,
@@ -126,11 +155,7 @@ impl Snapshot {
         Self::take(overlay, self.clones, self.taken)
     }
 
-    fn take(
-        overlay: &Overlay,
-        clones: Option<Clones>,
-        before: HashMap<PathBuf, Taken>,
-    ) -> Result<Snapshot> {
+    fn take(overlay: &Overlay, clones: Option<Clones>, before: TakenFiles) -> Result<Snapshot> {
         let mut state = Capture {
             overlay,
             ops: Vec::new(),
@@ -260,15 +285,26 @@ fn write_op(b: &mut Builder<BufWriter<File>>, op: Op, store: Option<&Clones>) ->
         Op::Pax(pax) => {
             b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
         }
-        Op::Empty(mut h, path) => b.append_data(&mut h, path, io::empty()),
-        Op::Link(mut h, path, target) => b.append_link(&mut h, path, target),
+        Op::Empty(head, path) => {
+            let mut h = head.header();
+            h.set_size(0);
+            b.append_data(&mut h, path, io::empty())
+        }
+        Op::Symlink(head, path, target) => b.append_link(&mut head.header(), path, target),
+        Op::HardLink(head, path, target) => {
+            let mut h = head.header();
+            h.set_entry_type(EntryType::Link);
+            h.set_size(0);
+            b.append_link(&mut h, path, target)
+        }
         Op::File {
-            mut header,
+            head,
             path,
             size,
             data,
             segments,
         } => {
+            let mut header = head.header();
             let src = match (data, store) {
                 (Data::At(s), Some(store)) => Source::Stored(store, s),
                 (Data::At(_), None) => {
@@ -307,7 +343,7 @@ struct Capture<'a> {
     ops: Vec<Op>,
     clones: Option<Clones>,
     /// The precopy's files, when this is the snapshot in the stop.
-    before: HashMap<PathBuf, Taken>,
+    before: TakenFiles,
     reused: u64,
     retaken: u64,
     /// First path seen for each (dev, inode) with more than one link.
@@ -402,11 +438,7 @@ impl Capture<'_> {
         let mut wh = OsString::from(OsStr::from_bytes(WHITEOUT));
         wh.push(name);
         let path = rel.with_file_name(wh);
-        let mut header = Header::new_gnu();
-        header.set_entry_type(EntryType::Regular);
-        header.set_mode(0o644);
-        header.set_size(0);
-        self.ops.push(Op::Empty(header, path));
+        self.ops.push(Op::Empty(Head::Whiteout, path));
         Ok(())
     }
 
@@ -444,34 +476,30 @@ impl Capture<'_> {
     }
 
     fn append(&mut self, rel: &Path, full: &Path, meta: &fs::Metadata) -> io::Result<()> {
-        let mut header = Header::new_gnu();
-        header.set_metadata_in_mode(meta, HeaderMode::Complete);
+        let head = Head::of(meta);
         let ft = meta.file_type();
         if ft.is_file() && meta.nlink() > 1 {
             let key = (meta.dev(), meta.ino());
             if let Some(first) = self.links.get(&key) {
-                header.set_entry_type(EntryType::Link);
-                header.set_size(0);
                 self.ops
-                    .push(Op::Link(header, rel.to_path_buf(), first.clone()));
+                    .push(Op::HardLink(head, rel.to_path_buf(), first.clone()));
                 self.stats.entries += 1;
                 return Ok(());
             }
             self.links.insert(key, rel.to_path_buf());
         }
         if ft.is_file() {
-            return self.append_file(rel, full, meta, header);
+            return self.append_file(rel, full, meta, head);
         }
         if let Some(pax) = self.xattrs(rel, full)? {
             self.ops.push(Op::Pax(pax));
         }
         if ft.is_symlink() {
             let target = fs::read_link(full)?;
-            self.ops.push(Op::Link(header, rel.to_path_buf(), target));
+            self.ops.push(Op::Symlink(head, rel.to_path_buf(), target));
         } else {
             // Directories and fifos: the header says it all.
-            header.set_size(0);
-            self.ops.push(Op::Empty(header, rel.to_path_buf()));
+            self.ops.push(Op::Empty(head, rel.to_path_buf()));
         }
         self.stats.entries += 1;
         Ok(())
@@ -482,19 +510,20 @@ impl Capture<'_> {
         rel: &Path,
         full: &Path,
         meta: &fs::Metadata,
-        header: Header,
+        head: Head,
     ) -> io::Result<()> {
         let size = meta.len();
         let stamp = Stamp::of(meta);
         self.stats.entries += 1;
         // Unchanged since the precopy: its clone, xattrs and map stand.
-        if let Some(t) = self.before.remove(rel).filter(|t| t.stamp == stamp) {
+        let key = rel.as_os_str().as_bytes();
+        if let Some(t) = self.before.remove(key).filter(|t| t.stamp == stamp) {
             if let Some(pax) = t.pax {
                 self.ops.push(Op::Pax(pax));
             }
             self.stats.bytes += stored_bytes(&t.segments, size);
             self.ops.push(Op::File {
-                header,
+                head,
                 path: rel.to_path_buf(),
                 size,
                 data: Data::At(t.stored),
@@ -528,7 +557,7 @@ impl Capture<'_> {
             _ => Data::Live(full.to_path_buf()),
         };
         self.ops.push(Op::File {
-            header,
+            head,
             path: rel.to_path_buf(),
             size,
             data,

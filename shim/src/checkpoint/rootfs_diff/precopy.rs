@@ -16,7 +16,10 @@ use std::{
     io,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-        unix::{ffi::OsStrExt, fs::MetadataExt},
+        unix::{
+            ffi::{OsStrExt, OsStringExt},
+            fs::MetadataExt,
+        },
     },
     path::{Path, PathBuf},
 };
@@ -77,8 +80,11 @@ fn coarse_now() -> (i64, i64) {
     (ts.tv_sec, ts.tv_nsec)
 }
 
+/// A precopy's files by path (relative to the upper, as bytes: the stop looks each file up).
+pub(super) type TakenFiles = HashMap<Vec<u8>, Taken>;
+
 /// Clones the regular files of `upper` into `clones`; returns them by path.
-pub(super) fn precopy(upper: &Path, clones: &mut Clones) -> io::Result<HashMap<PathBuf, Taken>> {
+pub(super) fn precopy(upper: &Path, clones: &mut Clones) -> io::Result<TakenFiles> {
     // Only a file whose ctime is older than this is taken: a write after its clone gets a ctime
     // of at least the clock now, so cannot go unseen, and a write that began a second before is
     // done (its ctime is set when it begins).
@@ -97,7 +103,7 @@ pub(super) fn precopy(upper: &Path, clones: &mut Clones) -> io::Result<HashMap<P
 struct Walk<'a> {
     clones: &'a mut Clones,
     settled: (i64, i64),
-    taken: HashMap<PathBuf, Taken>,
+    taken: TakenFiles,
 }
 
 impl Walk<'_> {
@@ -117,7 +123,7 @@ impl Walk<'_> {
                 }
             } else if fsat::is_reg(&st) {
                 if let Some(t) = self.take_file(dir.as_fd(), &name, &st)? {
-                    self.taken.insert(child, t);
+                    self.taken.insert(child.into_os_string().into_vec(), t);
                 }
             }
         }
