@@ -42,11 +42,10 @@ while :; do \
   i=$((i+1)); echo $i 1<> /count; \
 done";
 
-fn run_counter(cd: &Containerd, rt: Runtime, id: &str, annotations: &[&str]) -> u32 {
+/// `flags`: more `ctr run` flags.
+fn run_counter(cd: &Containerd, rt: Runtime, id: &str, flags: &[&str]) -> u32 {
     let mut args = vec!["run", "--fifo-dir", cd.fifo_dir(), "-d", "--null-io"];
-    for a in annotations {
-        args.extend_from_slice(&["--annotation", a]);
-    }
+    args.extend_from_slice(flags);
     args.extend_from_slice(&["--runtime", rt.name(), IMAGE, id, "sh", "-c", COUNTER]);
     cd.ctr_ok(args);
     cd.wait_task_status(id, "RUNNING", STATE_TIMEOUT).pid
@@ -168,9 +167,10 @@ fn restore_and_check(
 
 #[test]
 fn api_checkpoints_without_pause_are_consistent_custom() {
-    // /tmp's ext4 clones nothing: the archive is written in CRIU's stop.
+    // /tmp's ext4 clones nothing: the archive is written in CRIU's stop. In the host's network
+    // namespace, CRIU has no network-lock action: the capture begins at post-dump.
     run_scenario(Runtime::Custom, |rt, cd| {
-        consistent_checkpoints(rt, cd, "copy")
+        consistent_checkpoints(rt, cd, "copy", true)
     });
 }
 
@@ -185,7 +185,7 @@ fn api_checkpoints_on_a_reflink_root_are_consistent_custom() {
         base: Some(xfs.path().to_path_buf()),
         ..Default::default()
     });
-    consistent_checkpoints(Runtime::Custom, &cd, "reflink");
+    consistent_checkpoints(Runtime::Custom, &cd, "reflink", false);
     drop(cd);
 }
 
@@ -196,9 +196,11 @@ fn shim_binary_or_panic() {
 }
 
 /// Five live checkpoints of the counter, each restored into a new container: files and memory
-/// agree in each, and the diff's bytes took `path` (`copy` or `reflink`).
-fn consistent_checkpoints(rt: Runtime, cd: &Containerd, path: &str) {
-    let pid = run_counter(cd, rt, "orig", &[]);
+/// agree in each, and the diff's bytes took `path` (`copy` or `reflink`). `net_host`: the
+/// container in the host's network namespace, else in its own.
+fn consistent_checkpoints(rt: Runtime, cd: &Containerd, path: &str, net_host: bool) {
+    let flags: &[&str] = if net_host { &["--net-host"] } else { &[] };
+    let pid = run_counter(cd, rt, "orig", flags);
     let mut seen = wait_count_past(pid, 100, "orig");
     let marker = read_in_container(pid, "/marker").expect("/marker");
     let marker = marker.trim();
@@ -213,11 +215,18 @@ fn consistent_checkpoints(rt: Runtime, cd: &Containerd, path: &str) {
         let desc = api.checkpoint_ok("orig", Some(&empty));
         eprintln!("checkpoint {n}: {:?}", started.elapsed());
         let tk = inspect(&api, cd, desc);
-        // The files are taken in CRIU's own stop (its post-dump action), not in a freeze of
-        // the shim's: that they restore consistent with the memory is the point of this test.
+        // The files are taken in CRIU's own stop, not in a freeze of the shim's: that they
+        // restore consistent with the memory is the point of this test. The capture begins at
+        // CRIU's network-lock action (every process seized, memory not yet dumped) where CRIU
+        // runs one, for a container with a network namespace of its own; else at post-dump.
+        let began = if net_host {
+            "criu-post-dump"
+        } else {
+            "criu-network-lock"
+        };
         assert_eq!(
             tk.metadata["files_captured_in"],
-            serde_json::json!("criu-post-dump"),
+            serde_json::json!(began),
             "{:#}",
             tk.metadata
         );
@@ -269,7 +278,7 @@ fn consistent_checkpoints(rt: Runtime, cd: &Containerd, path: &str) {
 fn api_checkpoints_without_freeze_show_the_violation_custom() {
     run_scenario(Runtime::Custom, |rt, cd| {
         let annotation = format!("{NO_FREEZE_ANNOTATION}=true");
-        let pid = run_counter(cd, rt, "orig", &[&annotation]);
+        let pid = run_counter(cd, rt, "orig", &["--annotation", &annotation]);
         let mut seen = wait_count_past(pid, 100, "orig");
         let marker = read_in_container(pid, "/marker").expect("/marker");
         let marker = marker.trim();

@@ -13,15 +13,19 @@
 //! and the workload stops no longer than CRIU stops it plus the capture. A
 //! failed capture fails the script, and CRIU then lets the processes go on
 //! and reports the dump failed.
+//!
+//! The capture begins earlier where CRIU says so: its `network-lock` action comes once every
+//! process is seized, before their memory is dumped (CRIU runs it for a container with a network
+//! namespace of its own, whatever the lock method). The script then only tells the shim, which
+//! starts the capture beside CRIU's dump and answers at once; `post-dump` waits for it to end. The
+//! processes are as stopped at one action as at the other, so the instant is the same, and the
+//! stop lasts the longer of the dump and the capture rather than both.
 
 use std::{
     io::{BufRead, BufReader, Write},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use log::warn;
@@ -47,10 +51,9 @@ pub struct Stop {
     pub config: PathBuf,
     dir: tempfile::TempDir,
     _dir_fd: std::fs::File,
-    /// Set once a capture began: the dump waits for it to end before anything is put back.
-    pub began: Arc<AtomicBool>,
     /// Set when the dump ended without it: a capture not yet begun never begins.
-    pub cancelled: Arc<AtomicBool>,
+    cancelled: AtomicBool,
+    cancel: tokio::sync::Notify,
 }
 
 impl Stop {
@@ -82,74 +85,120 @@ impl Stop {
             config,
             dir,
             _dir_fd: dir_fd,
-            began: Arc::new(AtomicBool::new(false)),
-            cancelled: Arc::new(AtomicBool::new(false)),
+            cancelled: AtomicBool::new(false),
+            cancel: tokio::sync::Notify::new(),
         })
     }
 
-    /// Waits for CRIU's `post-dump`, runs `capture` inside it and answers the script. Only a
-    /// root process asking `post-dump` is taken; anything else is closed and the wait goes on.
-    /// The capture's result is returned as well as answered.
+    /// Serves CRIU's actions: `capture` begins at `network-lock` (answered at once) or else at
+    /// `post-dump`, which is answered with its result. Only a root process is heard; anything
+    /// else is closed and the wait goes on. `Ok(None)`: the dump ended (see [`Stop::cancel`])
+    /// without a `post-dump`; a capture under way was waited for and its result dropped.
     pub async fn serve<T: Send + 'static>(
         &self,
         capture: impl FnOnce() -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let (rd, mut wr) = loop {
-            let (stream, _) = self
-                .listener
-                .accept()
-                .await
-                .map_err(Error::io("accept CRIU's post-dump action"))?;
+    ) -> Result<Option<(T, Began)>> {
+        let mut capture = Some(capture);
+        let mut running = None;
+        let mut began = Began::PostDump;
+        let mut wr = loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = self.cancel.notified() => {
+                    if let Some(task) = running {
+                        let _ = task.await;
+                    }
+                    return Ok(None);
+                }
+            };
+            let (stream, _) = accepted.map_err(Error::io("accept CRIU's action script"))?;
             if !stream.peer_cred().is_ok_and(|c| c.uid() == 0) {
                 warn!(
-                    "post-dump socket in {}: a caller not root, closed",
+                    "action socket in {}: a caller not root, closed",
                     self.dir.path().display()
                 );
                 continue;
             }
-            let (rd, wr) = stream.into_split();
+            let (rd, mut wr) = stream.into_split();
             let mut rd = tokio::io::BufReader::new(rd);
             let mut line = String::new();
-            if rd.read_line(&mut line).await.is_ok() && line.trim() == "post-dump" {
-                break (rd, wr);
+            let _ = rd.read_line(&mut line).await;
+            match line.trim() {
+                "post-dump" => break wr,
+                "network-lock" => {
+                    if let (None, Some(c)) = (&running, capture.take()) {
+                        if !self.cancelled.load(Ordering::SeqCst) {
+                            running = Some(tokio::task::spawn_blocking(c));
+                            began = Began::NetworkLock;
+                        }
+                    }
+                    let _ = wr.write_all(b"ok\n").await;
+                }
+                other => warn!("action socket: an unexpected request {other:?}, closed"),
             }
-            warn!(
-                "post-dump socket: an unexpected request {:?}, closed",
-                line.trim()
-            );
         };
-        drop(rd);
-        let result = if self.cancelled.load(Ordering::SeqCst) {
-            Err(Error::Cancelled(
-                "the dump ended before its post-dump action".into(),
-            ))
-        } else {
-            self.began.store(true, Ordering::SeqCst);
-            tokio::task::spawn_blocking(capture)
+        let task = match (running, capture.take()) {
+            (Some(task), _) => Some(task),
+            (None, Some(c)) if !self.cancelled.load(Ordering::SeqCst) => {
+                Some(tokio::task::spawn_blocking(c))
+            }
+            _ => None,
+        };
+        let result = match task {
+            Some(task) => task
                 .await
                 .map_err(|e| Error::Internal(format!("capture task: {e}")))
-                .and_then(|r| r)
+                .and_then(|r| r),
+            None => Err(Error::Cancelled(
+                "the dump ended before its post-dump action".into(),
+            )),
         };
         let answer = match &result {
             Ok(_) => "ok\n".to_string(),
             Err(e) => format!("error: {}\n", e.to_string().replace('\n', " ")),
         };
         let _ = wr.write_all(answer.as_bytes()).await;
-        result
+        result.map(|r| Some((r, began)))
+    }
+
+    /// The dump ended without an answer from [`Stop::serve`]: a capture not begun never begins,
+    /// and `serve` ends once one under way has (at once if none).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        self.cancel.notify_one();
     }
 }
 
-/// The action script's side, at `post-dump`: the shim captures; exit 0 if it did.
-pub fn run_action(socket: &str) -> i32 {
+/// Which of CRIU's actions the capture began at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Began {
+    NetworkLock,
+    PostDump,
+}
+
+impl Began {
+    /// As the checkpoint record says it (`files_captured_in`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Began::NetworkLock => "criu-network-lock",
+            Began::PostDump => "criu-post-dump",
+        }
+    }
+}
+
+/// The action script's side, at `post-dump`: the shim captures; exit 0 if it did. At
+/// `network-lock`, the shim is told to begin; exit 0 whatever it answers (`post-dump` reports).
+pub fn run_action(socket: &str, action: &str) -> i32 {
     let asked = (|| -> std::io::Result<String> {
         let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-        s.write_all(b"post-dump\n")?;
+        s.write_all(format!("{action}\n").as_bytes())?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line)?;
         Ok(line)
     })();
     match asked {
         Ok(line) if line.trim() == "ok" => 0,
+        _ if action != "post-dump" => 0,
         Ok(line) => {
             eprintln!(
                 "Error (containerd-shim-custom-v2): the rootfs diff in CRIU's stop: {}",

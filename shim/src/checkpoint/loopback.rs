@@ -96,10 +96,16 @@ pub fn is_action() -> bool {
 /// CRIU's log (its stderr) then names the cause of a socket that fails.
 pub fn run_action() -> i32 {
     let action = std::env::var("CRTOOLS_SCRIPT_ACTION").unwrap_or_default();
-    if action == "post-dump" {
-        // A dump whose rootfs diff the shim captures in CRIU's stop (`criu_stop`).
+    // A dump whose rootfs diff the shim captures in CRIU's stop (`criu_stop`): it may begin at
+    // `network-lock`, and is answered at `post-dump`.
+    if action == "network-lock" {
         if let Ok(socket) = std::env::var(super::criu_stop::SOCKET_ENV) {
-            return super::criu_stop::run_action(&socket);
+            return super::criu_stop::run_action(&socket, &action);
+        }
+    }
+    if action == "post-dump" {
+        if let Ok(socket) = std::env::var(super::criu_stop::SOCKET_ENV) {
+            return super::criu_stop::run_action(&socket, &action);
         }
         // Configured as the script of a dump, but without the shim's socket: the files cannot
         // be taken, and CRIU must not go on as if they were.

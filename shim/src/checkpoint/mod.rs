@@ -225,9 +225,10 @@ struct Metadata {
     /// False in the record written before the dump, true once CRIU finished
     /// (for a lazy checkpoint: once every image but the pages was written).
     complete: bool,
-    /// Where the rootfs changes and volumes were captured: `criu-post-dump`
-    /// (in CRIU's own stop, its processes seized) or `shim-freeze` (in a
-    /// freeze the shim holds around the whole dump).
+    /// Where the rootfs changes and volumes were captured: in CRIU's own stop, its processes
+    /// seized, beginning at its `criu-network-lock` or `criu-post-dump` action (see
+    /// `criu_stop`), `shim-freeze` (in a freeze the shim holds around the whole dump), or `none`
+    /// (the CRI path, where containerd takes the files).
     files_captured_in: &'static str,
     /// CRIU's network lock around the dump: `skip` (nothing for it to keep, see
     /// `criu_conf::NetworkLock::for_dump`), `iptables` (a lazy dump), or `criu` (CRIU's own
@@ -716,16 +717,19 @@ async fn dump_at_criu_stop(
     // runc ended (or was killed) without the capture's answer: a capture not begun never
     // begins, and one under way is waited for, so that nothing writes into the staging dir
     // once it goes.
-    if captured.is_none() {
-        stop.cancelled
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        if stop.began.load(std::sync::atomic::Ordering::SeqCst) {
-            captured = Some(serve.await);
+    let captured = match captured {
+        Some(c) => c.transpose(),
+        None => {
+            stop.cancel();
+            serve.await.transpose()
         }
-    }
+    };
     let dump_ms = ms(t0.elapsed());
     let failed = match (dumped, captured) {
-        (Ok(()), Some(Ok(stats))) => Ok(stats),
+        (Ok(()), Some(Ok((stats, began)))) => {
+            metadata.files_captured_in = began.as_str();
+            Ok(stats)
+        }
         (Ok(()), Some(Err(e))) => Err(e),
         (Ok(()), None) if opts.exit => {
             // CRIU killed the processes: the images are the container now, kept without the
