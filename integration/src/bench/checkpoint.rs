@@ -70,6 +70,7 @@ impl Bench<'_> {
                 ));
                 for rt in order(round) {
                     check_interrupted()?;
+                    settle_disk();
                     let (id, pid) = match rt {
                         Runtime::RuncV2 => (go.clone(), go_pid),
                         Runtime::Custom => (custom.clone(), custom_pid),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use integration::cri::{CriHost, PidMode};
 use integration::Runtime;
 
-use super::scenarios::{check_interrupted, log, ms, order, Bench};
+use super::scenarios::{check_interrupted, log, ms, order, settle_disk, Bench};
 
 const CRI_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -50,6 +50,7 @@ impl Bench<'_> {
             ));
             for rt in order(round) {
                 check_interrupted()?;
+                settle_disk();
                 let (ckpt, create, start) = cri_round(&host, rt, mib, round)?;
                 self.res.add("cri_checkpoint", rt, ckpt);
                 self.res.add("cri_restore_create", rt, create);

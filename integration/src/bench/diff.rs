@@ -112,6 +112,7 @@ impl Bench<'_> {
                 ));
                 for rt in order(round) {
                     check_interrupted()?;
+                    settle_disk();
                     let id = self.id(&format!("df{fs}{count}"), rt);
                     let mut args = Self::workload_cmd(1, self.cfg.sleep_us);
                     args.extend(["/data".to_string(), count.to_string(), mib.to_string()]);

@@ -24,7 +24,7 @@ use integration::{read_in_container, Runtime};
 
 use super::measure::{poll, run_ok};
 use super::report::{num, Target};
-use super::scenarios::{check_interrupted, log, ms, order, Bench, BENCH_IMAGE};
+use super::scenarios::{check_interrupted, log, ms, order, settle_disk, Bench, BENCH_IMAGE};
 
 const T: Duration = Duration::from_secs(600);
 
@@ -74,6 +74,7 @@ impl Bench<'_> {
                 log(format!("migrate {mib} MiB, round {}/{rounds}", round + 1));
                 for rt in order(round) {
                     check_interrupted()?;
+                    settle_disk();
                     let id = format!(
                         "mig-{}-{mib}-{round}",
                         if rt == Runtime::Custom { "cu" } else { "go" }

@@ -53,6 +53,7 @@ impl Bench<'_> {
             ));
             for rt in order(round) {
                 check_interrupted()?;
+                settle_disk();
                 let id = self.id("rs", rt);
                 let args = Self::workload_cmd(mib, self.cfg.sleep_us);
                 self.start_workload(rt, &id, &args)?;

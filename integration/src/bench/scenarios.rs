@@ -23,6 +23,14 @@ pub(super) fn check_interrupted() -> Result<(), String> {
     }
 }
 
+/// Before a round that writes much: the dirty pages of the rounds before are written back first,
+/// so that one round's writes do not land in the next one's figures (either runtime's: the order
+/// alternates).
+pub(super) fn settle_disk() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Name `ctr images import` gives bench/build-bench-image.sh's image.
 pub const BENCH_IMAGE: &str = "docker.io/library/shimbench:latest";
 /// The file the custom shim writes into the checkpoint.
