@@ -88,6 +88,7 @@ impl Bench<'_> {
                         }
                     }
                     if rt == Runtime::RuncV2 {
+                        settle_disk();
                         let (took, stall) = self.raw_runc_checkpoint(&id, pid)?;
                         self.res.add(&format!("raw_runc_{mib}"), rt, took);
                         self.res.add(&format!("raw_stall_{mib}"), rt, stall);

@@ -75,7 +75,7 @@ impl Config {
             many: 20,
             settle: Duration::from_millis(1500),
             lifecycle_samples: 25,
-            ckpt_sizes: vec![(16, 5), (256, 5), (1024, 3)],
+            ckpt_sizes: vec![(16, 5), (256, 5), (1024, 5)],
             restore_mib: 256,
             restore_rounds: 5,
             diff_mib: 1024,

@@ -212,3 +212,122 @@ pub fn run_action(socket: &str, action: &str) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// CRIU's side: the action script, run as CRIU would (off the runtime: it blocks).
+    async fn action(stop: &Stop, name: &'static str) -> i32 {
+        let socket = stop.socket.display().to_string();
+        tokio::task::spawn_blocking(move || run_action(&socket, name))
+            .await
+            .unwrap()
+    }
+
+    fn counted(runs: &Arc<AtomicUsize>) -> impl FnOnce() -> Result<usize> + Send + 'static {
+        let runs = runs.clone();
+        move || Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+
+    #[tokio::test]
+    async fn the_capture_begins_at_network_lock_and_post_dump_waits_for_it() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "").unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let capture = {
+            let runs = runs.clone();
+            move || {
+                // Held until the test lets it end: post-dump must wait for it.
+                rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
+            }
+        };
+        let serve = stop.serve(capture);
+        tokio::pin!(serve);
+        let criu = async {
+            // Answered at once, the capture still running.
+            assert_eq!(action(&stop, "network-lock").await, 0);
+            assert_eq!(runs.load(Ordering::SeqCst), 0);
+            // A second network-lock begins nothing more.
+            assert_eq!(action(&stop, "network-lock").await, 0);
+            tx.send(()).unwrap();
+            action(&stop, "post-dump").await
+        };
+        let (served, code) = tokio::join!(&mut serve, criu);
+        assert_eq!(code, 0);
+        assert_eq!(served.unwrap(), Some((1, Began::NetworkLock)));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn without_network_lock_the_capture_runs_at_post_dump() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "").unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (served, code) = tokio::join!(stop.serve(counted(&runs)), action(&stop, "post-dump"));
+        assert_eq!(code, 0);
+        assert_eq!(served.unwrap(), Some((1, Began::PostDump)));
+    }
+
+    #[tokio::test]
+    async fn a_capture_that_fails_at_network_lock_fails_post_dump() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "").unwrap();
+        let failing = || -> Result<()> { Err(Error::Internal("disk full".into())) };
+        let (served, codes) = tokio::join!(stop.serve(failing), async {
+            (
+                action(&stop, "network-lock").await,
+                action(&stop, "post-dump").await,
+            )
+        });
+        // network-lock is never failed (CRIU would abort before the dump for nothing); post-dump
+        // reports the capture's error, and CRIU then fails the dump.
+        assert_eq!(codes, (0, 1));
+        assert!(served.unwrap_err().to_string().contains("disk full"));
+    }
+
+    #[tokio::test]
+    async fn a_dump_that_ends_after_network_lock_waits_for_the_capture_and_drops_it() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "").unwrap();
+        let ended = Arc::new(AtomicUsize::new(0));
+        let capture = {
+            let ended = ended.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(200));
+                ended.store(1, Ordering::SeqCst);
+                Ok(())
+            }
+        };
+        let serve = stop.serve(capture);
+        tokio::pin!(serve);
+        tokio::select! {
+            _ = &mut serve => panic!("served before post-dump"),
+            code = action(&stop, "network-lock") => assert_eq!(code, 0),
+        }
+        // CRIU failed before post-dump: the shim cancels, and serve ends once the capture has.
+        stop.cancel();
+        assert!(serve.await.unwrap().is_none());
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dump_that_ends_before_any_action_begins_nothing() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "").unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        stop.cancel();
+        assert!(stop.serve(counted(&runs)).await.unwrap().is_none());
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+}
