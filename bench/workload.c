@@ -8,7 +8,11 @@
  *    (its rootfs: the overlay upperdir), then sync(2);
  * 2. mallocs MIB MiB and touches every page (distinct, non-zero contents);
  * 3. loops: touch one page, read CLOCK_MONOTONIC, keep the longest gap between two iterations,
- *    sleep SLEEP_US (default 1000) microseconds.
+ *    sleep SLEEP_US (default 1000) microseconds. That loop does no file I/O: a second thread
+ *    writes the reports. So the gap is the process being stopped (a checkpoint stops every
+ *    thread), not its own report write waiting on the disk: after a checkpoint, containerd writes
+ *    the images into its content store, and a write of the workload's could be throttled behind
+ *    that writeback for a second or more, with either shim, long after the stop ended.
  *
  * It reports through /maxgap (written as /maxgap.tmp, then renamed: a reader never sees half a
  * file; no file stays open, so a restore into a fresh rootfs does not need it):
@@ -24,6 +28,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -55,9 +60,8 @@ static void die(const char *what) {
   exit(1);
 }
 
-static uint64_t maxgap_at;
-
-static void report(unsigned long gen, uint64_t maxgap_ns, uint64_t iter, unsigned long mib) {
+static void report(unsigned long gen, uint64_t maxgap_ns, uint64_t iter, unsigned long mib,
+                   uint64_t maxgap_at) {
   char buf[160];
   int n = snprintf(buf, sizeof buf, "gen=%lu maxgap_us=%llu iter=%llu mib=%lu at_us=%llu\n", gen,
                    (unsigned long long)(maxgap_ns / 1000), (unsigned long long)iter, mib,
@@ -67,6 +71,36 @@ static void report(unsigned long gen, uint64_t maxgap_ns, uint64_t iter, unsigne
   ssize_t w = write(fd, buf, (size_t)n);
   close(fd);
   if (w == n) rename(REPORT_TMP, REPORT);
+}
+
+/* What the loop saw, for the reporter thread. */
+static struct {
+  pthread_mutex_t lock;
+  unsigned long gen, mib;
+  uint64_t maxgap, maxgap_at, iter;
+  int changed;
+} shared = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Writes a report within 5 ms of a new maximum or a reset, and every 100 ms anyway. */
+static void *reporter(void *arg) {
+  (void)arg;
+  struct timespec tick = {.tv_sec = 0, .tv_nsec = 5000000};
+  uint64_t last = now_ns();
+  for (;;) {
+    nanosleep(&tick, NULL);
+    pthread_mutex_lock(&shared.lock);
+    unsigned long gen = shared.gen, mib = shared.mib;
+    uint64_t maxgap = shared.maxgap, iter = shared.iter, at = shared.maxgap_at;
+    int changed = shared.changed;
+    shared.changed = 0;
+    pthread_mutex_unlock(&shared.lock);
+    uint64_t t = now_ns();
+    if (changed || t - last > 100000000ull) {
+      report(gen, maxgap, iter, mib, at);
+      last = t;
+    }
+  }
+  return NULL;
 }
 
 static uint64_t xorshift(uint64_t *s) {
@@ -125,10 +159,20 @@ int main(int argc, char **argv) {
   if (!mem) die("malloc");
   for (size_t p = 0; p < pages; p++) memset(mem + p * PAGE, (int)(p % 255) + 1, PAGE);
 
+  /* Reports from the thread, signals to the loop: block SIGUSR1 while the thread is made. */
+  sigset_t usr1, old;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &usr1, &old);
+  shared.mib = mib;
+  report(0, 0, 0, mib, 0);
+  pthread_t reporter_thread;
+  if (pthread_create(&reporter_thread, NULL, reporter, NULL) != 0) die("pthread_create");
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+
   unsigned long gen = 0;
-  uint64_t iter = 0, maxgap = 0;
-  uint64_t prev = now_ns(), last_report = prev;
-  report(gen, maxgap, iter, mib);
+  uint64_t iter = 0, maxgap = 0, maxgap_at = 0;
+  uint64_t prev = now_ns();
   struct timespec nap = {.tv_sec = (time_t)(sleep_us / 1000000), .tv_nsec = (long)(sleep_us % 1000000) * 1000};
   for (;;) {
     mem[(iter % pages) * PAGE + (iter / pages) % PAGE]++;
@@ -146,12 +190,13 @@ int main(int argc, char **argv) {
       changed = 1;
     }
     prev = t;
-    if (changed || t - last_report > 100000000ull) {
-      /* Its cost (tens of µs) counts in the next gap: resetting `prev` after it would hide a
-         freeze that lands inside it. */
-      report(gen, maxgap, iter, mib);
-      last_report = t;
-    }
+    pthread_mutex_lock(&shared.lock);
+    shared.gen = gen;
+    shared.maxgap = maxgap;
+    shared.maxgap_at = maxgap_at;
+    shared.iter = iter;
+    shared.changed |= changed;
+    pthread_mutex_unlock(&shared.lock);
     if (sleep_us) nanosleep(&nap, NULL);
   }
 }
