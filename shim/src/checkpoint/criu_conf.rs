@@ -87,6 +87,16 @@ impl NetworkLock {
     }
 }
 
+/// Whether the capture may begin at CRIU's `network-lock` action (see `criu_stop`): not if a
+/// CRIU config the dump reads allows `link-remap`, with which CRIU links files into the
+/// container's own filesystem while it dumps the processes (and removes them after `post-dump`):
+/// a capture beside the dump would see them or not, by timing.
+pub fn capture_may_begin_early(bundle: &Path) -> bool {
+    !user_configs(bundle)
+        .iter()
+        .any(|p| std::fs::read_to_string(p).is_ok_and(|text| names(&text, &["link-remap"])))
+}
+
 /// The CRIU configs a dump of the container in `bundle` reads besides the shim's own lines.
 fn user_configs(bundle: &Path) -> Vec<PathBuf> {
     let mut configs = vec![PathBuf::from("/etc/criu/default.conf")];
@@ -116,13 +126,15 @@ fn user_configs(bundle: &Path) -> Vec<PathBuf> {
 /// Whether a CRIU config chooses a lock method or has established connections dumped
 /// (`network-lock`, `tcp-established`, `tcp-close`, with or without the dashes).
 fn keeps_the_lock(config: &str) -> bool {
+    names(config, &["network-lock", "tcp-established", "tcp-close"])
+}
+
+/// Whether a CRIU config sets any of `options` (with or without the dashes; not in a comment).
+fn names(config: &str, options: &[&str]) -> bool {
     config.lines().any(|l| {
         let l = l.trim_start();
         let option = l.trim_start_matches('-');
-        !l.starts_with('#')
-            && ["network-lock", "tcp-established", "tcp-close"]
-                .iter()
-                .any(|o| option.starts_with(o))
+        !l.starts_with('#') && options.iter().any(|o| option.starts_with(o))
     })
 }
 
@@ -140,6 +152,18 @@ mod tests {
             "# network-lock nftables\n#tcp-established\nlog-file x\n"
         ));
         assert!(!keeps_the_lock(""));
+    }
+
+    #[test]
+    fn link_remap_in_runcs_config_keeps_the_capture_at_post_dump() {
+        let dir = tempfile::tempdir().unwrap();
+        let runc_conf = dir.path().join("runc.conf");
+        let spec = serde_json::json!({"annotations": {"org.criu.config": runc_conf}});
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        std::fs::write(&runc_conf, "# link-remap\n").unwrap();
+        assert!(capture_may_begin_early(dir.path()));
+        std::fs::write(&runc_conf, "--link-remap\n").unwrap();
+        assert!(!capture_may_begin_early(dir.path()));
     }
 
     #[test]

@@ -36,7 +36,8 @@ use tokio::{
 
 use crate::error::{Error, Result};
 
-/// The socket the action script finds the shim at (in runc's, then CRIU's, environment).
+/// The socket the action script finds the shim at, at `network-lock` and `post-dump` (in runc's,
+/// then CRIU's, environment; named for the action it first served).
 pub const SOCKET_ENV: &str = "CUSTOM_SHIM_POST_DUMP";
 const CONFIG: &str = "criu-dump.conf";
 const SOCKET: &str = "s";
@@ -54,12 +55,15 @@ pub struct Stop {
     /// Set when the dump ended without it: a capture not yet begun never begins.
     cancelled: AtomicBool,
     cancel: tokio::sync::Notify,
+    /// Whether the capture may begin at `network-lock` (else it waits for `post-dump`).
+    early: bool,
 }
 
 impl Stop {
     /// In a private directory of the dump's work dir.
-    /// `extra`: more lines for CRIU's config.
-    pub fn prepare(work: &Path, extra: &str) -> Result<Self> {
+    /// `extra`: more lines for CRIU's config; `early`: the capture may begin at `network-lock`
+    /// (see `criu_conf::capture_may_begin_early`).
+    pub fn prepare(work: &Path, extra: &str, early: bool) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("criu-stop-")
             .tempdir_in(work)
@@ -87,6 +91,7 @@ impl Stop {
             _dir_fd: dir_fd,
             cancelled: AtomicBool::new(false),
             cancel: tokio::sync::Notify::new(),
+            early,
         })
     }
 
@@ -106,12 +111,25 @@ impl Stop {
                 a = self.listener.accept() => a,
                 _ = self.cancel.notified() => {
                     if let Some(task) = running {
-                        let _ = task.await;
+                        match task.await {
+                            Ok(Err(e)) => warn!("the capture begun at network-lock, dropped with its dump: {e}"),
+                            Err(e) => warn!("the capture begun at network-lock: {e}"),
+                            Ok(Ok(_)) => {}
+                        }
                     }
                     return Ok(None);
                 }
             };
-            let (stream, _) = accepted.map_err(Error::io("accept CRIU's action script"))?;
+            let (stream, _) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Nothing may go on writing into the staging dir once this returns.
+                    if let Some(task) = running {
+                        let _ = task.await;
+                    }
+                    return Err(Error::io("accept CRIU's action script")(e));
+                }
+            };
             if !stream.peer_cred().is_ok_and(|c| c.uid() == 0) {
                 warn!(
                     "action socket in {}: a caller not root, closed",
@@ -125,7 +143,7 @@ impl Stop {
             let _ = rd.read_line(&mut line).await;
             match line.trim() {
                 "post-dump" => break wr,
-                "network-lock" => {
+                "network-lock" if self.early => {
                     if let (None, Some(c)) = (&running, capture.take()) {
                         if !self.cancelled.load(Ordering::SeqCst) {
                             running = Some(tokio::task::spawn_blocking(c));
@@ -133,6 +151,9 @@ impl Stop {
                         }
                     }
                     let _ = wr.write_all(b"ok\n").await;
+                }
+                "network-lock" => {
+                    let _ = wr.write_all(b"later\n").await;
                 }
                 other => warn!("action socket: an unexpected request {other:?}, closed"),
             }
@@ -191,6 +212,11 @@ impl Began {
 pub fn run_action(socket: &str, action: &str) -> i32 {
     let asked = (|| -> std::io::Result<String> {
         let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+        // network-lock holds every process seized until it returns, and the shim answers it at
+        // once: past a few seconds something is wrong, and post-dump captures instead.
+        if action != "post-dump" {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        }
         s.write_all(format!("{action}\n").as_bytes())?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line)?;
@@ -198,7 +224,18 @@ pub fn run_action(socket: &str, action: &str) -> i32 {
     })();
     match asked {
         Ok(line) if line.trim() == "ok" => 0,
-        _ if action != "post-dump" => 0,
+        Ok(line) if action != "post-dump" && line.trim() == "later" => 0,
+        other if action != "post-dump" => {
+            // CRIU's log says why the capture waits for post-dump; the dump goes on.
+            let why = match other {
+                Ok(line) => line.trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            eprintln!(
+                "Warning (containerd-shim-custom-v2): {action}: the shim did not take the rootfs diff at once ({why}); it will at post-dump"
+            );
+            0
+        }
         Ok(line) => {
             eprintln!(
                 "Error (containerd-shim-custom-v2): the rootfs diff in CRIU's stop: {}",
@@ -241,7 +278,7 @@ mod tests {
     #[tokio::test]
     async fn the_capture_begins_at_network_lock_and_post_dump_waits_for_it() {
         let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "").unwrap();
+        let stop = Stop::prepare(work.path(), "", true).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let capture = {
@@ -272,7 +309,7 @@ mod tests {
     #[tokio::test]
     async fn without_network_lock_the_capture_runs_at_post_dump() {
         let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "").unwrap();
+        let stop = Stop::prepare(work.path(), "", true).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let (served, code) = tokio::join!(stop.serve(counted(&runs)), action(&stop, "post-dump"));
         assert_eq!(code, 0);
@@ -280,9 +317,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_link_remap_the_capture_waits_for_post_dump() {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "", false).unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let serve = stop.serve(counted(&runs));
+        tokio::pin!(serve);
+        let criu = async {
+            assert_eq!(action(&stop, "network-lock").await, 0);
+            assert_eq!(runs.load(Ordering::SeqCst), 0);
+            action(&stop, "post-dump").await
+        };
+        let (served, code) = tokio::join!(&mut serve, criu);
+        assert_eq!(code, 0);
+        assert_eq!(served.unwrap(), Some((1, Began::PostDump)));
+    }
+
+    #[tokio::test]
     async fn a_capture_that_fails_at_network_lock_fails_post_dump() {
         let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "").unwrap();
+        let stop = Stop::prepare(work.path(), "", true).unwrap();
         let failing = || -> Result<()> { Err(Error::Internal("disk full".into())) };
         let (served, codes) = tokio::join!(stop.serve(failing), async {
             (
@@ -299,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn a_dump_that_ends_after_network_lock_waits_for_the_capture_and_drops_it() {
         let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "").unwrap();
+        let stop = Stop::prepare(work.path(), "", true).unwrap();
         let ended = Arc::new(AtomicUsize::new(0));
         let capture = {
             let ended = ended.clone();
@@ -324,7 +378,7 @@ mod tests {
     #[tokio::test]
     async fn a_dump_that_ends_before_any_action_begins_nothing() {
         let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "").unwrap();
+        let stop = Stop::prepare(work.path(), "", true).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         stop.cancel();
         assert!(stop.serve(counted(&runs)).await.unwrap().is_none());

@@ -607,9 +607,10 @@ async fn bracket(
     Ok(None)
 }
 
-/// The dump with the files captured at CRIU's `post-dump` (see `criu_stop`): runc has CRIU
-/// freeze and seize the processes as the Go shim does; the rootfs diff and the volumes are
-/// taken while CRIU holds them, after their memory and before it lets them go.
+/// The dump with the files captured in CRIU's stop (see `criu_stop`): runc has CRIU freeze and
+/// seize the processes as the Go shim does; the rootfs diff and the volumes are taken while CRIU
+/// holds them, from its `network-lock` action (beside the memory dump) or its `post-dump`, and
+/// always before it lets them go.
 async fn dump_at_criu_stop(
     t: &Target<'_>,
     image: &Path,
@@ -662,7 +663,11 @@ async fn dump_at_criu_stop(
         _ => None,
     };
     caller.check("the checkpoint")?;
-    let stop = criu_stop::Stop::prepare(work, network_lock.config_line())?;
+    let stop = criu_stop::Stop::prepare(
+        work,
+        network_lock.config_line(),
+        criu_conf::capture_may_begin_early(t.bundle),
+    )?;
     let criu = criu_opts(image, work, opts);
     let (dir, late) = (image.to_path_buf(), caller.clone());
     let capture = move || {
