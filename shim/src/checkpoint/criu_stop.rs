@@ -32,6 +32,7 @@ use log::warn;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
     net::UnixListener,
+    task::JoinHandle,
 };
 
 use crate::error::{Error, Result};
@@ -110,23 +111,14 @@ impl Stop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
                 _ = self.cancel.notified() => {
-                    if let Some(task) = running {
-                        match task.await {
-                            Ok(Err(e)) => warn!("the capture begun at network-lock, dropped with its dump: {e}"),
-                            Err(e) => warn!("the capture begun at network-lock: {e}"),
-                            Ok(Ok(_)) => {}
-                        }
-                    }
+                    drop_capture(running).await;
                     return Ok(None);
                 }
             };
             let (stream, _) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // Nothing may go on writing into the staging dir once this returns.
-                    if let Some(task) = running {
-                        let _ = task.await;
-                    }
+                    drop_capture(running).await;
                     return Err(Error::io("accept CRIU's action script")(e));
                 }
             };
@@ -144,9 +136,9 @@ impl Stop {
             match line.trim() {
                 "post-dump" => break wr,
                 "network-lock" if self.early => {
-                    if let (None, Some(c)) = (&running, capture.take()) {
-                        if !self.cancelled.load(Ordering::SeqCst) {
-                            running = Some(tokio::task::spawn_blocking(c));
+                    if running.is_none() {
+                        running = self.begin(&mut capture);
+                        if running.is_some() {
                             began = Began::NetworkLock;
                         }
                     }
@@ -158,14 +150,7 @@ impl Stop {
                 other => warn!("action socket: an unexpected request {other:?}, closed"),
             }
         };
-        let task = match (running, capture.take()) {
-            (Some(task), _) => Some(task),
-            (None, Some(c)) if !self.cancelled.load(Ordering::SeqCst) => {
-                Some(tokio::task::spawn_blocking(c))
-            }
-            _ => None,
-        };
-        let result = match task {
+        let result = match running.or_else(|| self.begin(&mut capture)) {
             Some(task) => task
                 .await
                 .map_err(|e| Error::Internal(format!("capture task: {e}")))
@@ -182,11 +167,34 @@ impl Stop {
         result.map(|r| Some((r, began)))
     }
 
+    /// Starts the capture, unless it was started already or the dump has ended.
+    fn begin<T: Send + 'static>(
+        &self,
+        capture: &mut Option<impl FnOnce() -> Result<T> + Send + 'static>,
+    ) -> Option<JoinHandle<Result<T>>> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return None;
+        }
+        capture.take().map(tokio::task::spawn_blocking)
+    }
+
     /// The dump ended without an answer from [`Stop::serve`]: a capture not begun never begins,
     /// and `serve` ends once one under way has (at once if none).
     pub fn cancel(&self) {
         self.cancelled.store(true, Ordering::SeqCst);
         self.cancel.notify_one();
+    }
+}
+
+/// Waits for a capture whose dump ended without it, so that nothing goes on writing into the
+/// staging dir once `serve` returns; its result is dropped, an error logged.
+async fn drop_capture<T>(running: Option<JoinHandle<Result<T>>>) {
+    if let Some(task) = running {
+        match task.await {
+            Ok(Err(e)) => warn!("a capture dropped with its dump: {e}"),
+            Err(e) => warn!("a capture dropped with its dump: {e}"),
+            Ok(Ok(_)) => {}
+        }
     }
 }
 
@@ -270,6 +278,13 @@ mod tests {
             .unwrap()
     }
 
+    /// A stop in a work dir of its own (kept as long as the stop).
+    fn stop(early: bool) -> (tempfile::TempDir, Stop) {
+        let work = tempfile::tempdir().unwrap();
+        let stop = Stop::prepare(work.path(), "", early).unwrap();
+        (work, stop)
+    }
+
     fn counted(runs: &Arc<AtomicUsize>) -> impl FnOnce() -> Result<usize> + Send + 'static {
         let runs = runs.clone();
         move || Ok(runs.fetch_add(1, Ordering::SeqCst) + 1)
@@ -277,8 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_capture_begins_at_network_lock_and_post_dump_waits_for_it() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", true).unwrap();
+        let (_work, stop) = stop(true);
         let runs = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let capture = {
@@ -308,8 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_network_lock_the_capture_runs_at_post_dump() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", true).unwrap();
+        let (_work, stop) = stop(true);
         let runs = Arc::new(AtomicUsize::new(0));
         let (served, code) = tokio::join!(stop.serve(counted(&runs)), action(&stop, "post-dump"));
         assert_eq!(code, 0);
@@ -318,8 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn with_link_remap_the_capture_waits_for_post_dump() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", false).unwrap();
+        let (_work, stop) = stop(false);
         let runs = Arc::new(AtomicUsize::new(0));
         let serve = stop.serve(counted(&runs));
         tokio::pin!(serve);
@@ -335,8 +347,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_capture_that_fails_at_network_lock_fails_post_dump() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", true).unwrap();
+        let (_work, stop) = stop(true);
         let failing = || -> Result<()> { Err(Error::Internal("disk full".into())) };
         let (served, codes) = tokio::join!(stop.serve(failing), async {
             (
@@ -352,8 +363,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dump_that_ends_after_network_lock_waits_for_the_capture_and_drops_it() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", true).unwrap();
+        let (_work, stop) = stop(true);
         let ended = Arc::new(AtomicUsize::new(0));
         let capture = {
             let ended = ended.clone();
@@ -377,8 +387,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dump_that_ends_before_any_action_begins_nothing() {
-        let work = tempfile::tempdir().unwrap();
-        let stop = Stop::prepare(work.path(), "", true).unwrap();
+        let (_work, stop) = stop(true);
         let runs = Arc::new(AtomicUsize::new(0));
         stop.cancel();
         assert!(stop.serve(counted(&runs)).await.unwrap().is_none());
