@@ -80,6 +80,14 @@ impl Bench<'_> {
                     format!("{what}: apply (bytes / the shim's own apply time)"),
                     "GB/s",
                 )
+                .higher(
+                    k("copy"),
+                    "Rootfs diff throughput (GB/s)",
+                    format!(
+                        "{what}: for scale, no shim: the bench copies the restored files into new files on the same disk (sendfile)"
+                    ),
+                    "GB/s",
+                )
                 .lower(
                     k("rpc"),
                     "Rootfs diff checkpoint (ms)",
@@ -123,7 +131,19 @@ impl Bench<'_> {
                     let result = self.diff_round(rt, &id, pid, &new, count);
                     self.remove(&[new, id])?;
                     self.api.drop_lease()?;
-                    let (rpc, stall, size, create, meta, back, apply_ms) = result?;
+                    let DiffRound {
+                        rpc,
+                        stall,
+                        size,
+                        create,
+                        meta,
+                        back,
+                        apply_ms,
+                        copy,
+                    } = result?;
+                    if let Some(copy) = copy {
+                        self.res.add(&k("copy"), rt, copy);
+                    }
                     self.files_back[rt as usize] = Some(back);
                     let path = meta
                         .as_ref()
@@ -167,7 +187,6 @@ impl Bench<'_> {
         Ok(())
     }
 
-    #[allow(clippy::type_complexity)]
     pub(super) fn diff_round(
         &mut self,
         rt: Runtime,
@@ -175,18 +194,7 @@ impl Bench<'_> {
         pid: u32,
         new: &str,
         count: u64,
-    ) -> Result<
-        (
-            f64,
-            f64,
-            f64,
-            f64,
-            Option<serde_json::Value>,
-            bool,
-            Option<f64>,
-        ),
-        String,
-    > {
+    ) -> Result<DiffRound, String> {
         let (desc, rpc, stall, meta) = self.measured_checkpoint(rt, id, pid)?;
         let (create, _, new_pid) = self.restore_as(id, new, &desc)?;
         let last = format!("/proc/{new_pid}/root/data/f{:05}", count - 1);
@@ -203,6 +211,100 @@ impl Bench<'_> {
             .ok()
             .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
             .and_then(|v| v["apply_ms"].as_f64());
-        Ok((rpc, stall, desc.size as f64, create, meta, back, apply_ms))
+        // What writing the same bytes into new files costs on this machine, right after the
+        // apply and on the same file system: the floor the apply's own rate is to be read
+        // against (the restored files are in the page cache, as the archive was for the apply).
+        let copy = match (back, rt) {
+            (true, Runtime::Custom) => {
+                let scratch = self.cd.dir().join("bench-copy");
+                let r = plain_copy(&format!("/proc/{new_pid}/root/data"), &scratch);
+                let _ = std::fs::remove_dir_all(&scratch);
+                Some(r?)
+            }
+            _ => None,
+        };
+        Ok(DiffRound {
+            rpc,
+            stall,
+            size: desc.size as f64,
+            create,
+            meta,
+            back,
+            apply_ms,
+            copy,
+        })
     }
+}
+
+/// One checkpoint and restore of the diff scenario.
+pub(super) struct DiffRound {
+    /// Tasks.Checkpoint, ms.
+    rpc: f64,
+    /// The workload's longest stall, ms.
+    stall: f64,
+    /// The checkpoint blob, bytes.
+    size: f64,
+    /// Tasks.Create of the restore, ms.
+    create: f64,
+    /// The custom shim's checkpoint metadata.
+    meta: Option<serde_json::Value>,
+    /// Whether the files are back in the restored container.
+    back: bool,
+    /// The custom shim's own apply time, ms.
+    apply_ms: Option<f64>,
+    /// The bench's plain copy of the restored files, GB/s (custom shim only).
+    copy: Option<f64>,
+}
+
+/// Copies the regular files of `src` into new files in `dst` with sendfile (the apply's own
+/// way when the archive and the rootfs share no file system that clones or copies in place);
+/// returns the rate in GB/s.
+fn plain_copy(src: &str, dst: &std::path::Path) -> Result<f64, String> {
+    use std::os::fd::AsRawFd;
+    let err = |what: &str, p: &dyn std::fmt::Debug, e: std::io::Error| {
+        format!("plain copy: {what} {p:?}: {e}")
+    };
+    std::fs::create_dir_all(dst).map_err(|e| err("create", &dst, e))?;
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(src).map_err(|e| err("read", &src, e))? {
+        let e = e.map_err(|e| err("read", &src, e))?;
+        if e.file_type()
+            .map_err(|er| err("stat", &e.path(), er))?
+            .is_file()
+        {
+            files.push(e.path());
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut bytes = 0u64;
+    for path in &files {
+        let from = std::fs::File::open(path).map_err(|e| err("open", path, e))?;
+        let len = from.metadata().map_err(|e| err("stat", path, e))?.len();
+        let to_path = dst.join(path.file_name().unwrap_or_default());
+        let to = std::fs::File::create(&to_path).map_err(|e| err("create", &to_path, e))?;
+        let mut left = len;
+        while left > 0 {
+            let chunk = left.min(0x7fff_f000) as usize;
+            // SAFETY: two open descriptors; a null offset reads at `from`'s file position.
+            let n = unsafe {
+                libc::sendfile(
+                    to.as_raw_fd(),
+                    from.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    chunk,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(err("sendfile to", &to_path, e));
+            }
+            if n == 0 {
+                return Err(format!("plain copy: {path:?} ended early"));
+            }
+            left -= n as u64;
+        }
+        bytes += len;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(bytes as f64 / secs / 1e9)
 }
