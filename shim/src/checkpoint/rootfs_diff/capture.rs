@@ -22,7 +22,7 @@ use std::{
     collections::{BTreeSet, HashMap, HashSet},
     ffi::{OsStr, OsString},
     fs::{self, File},
-    io::{self, BufWriter, Read},
+    io::{self, BufWriter, Read, Seek},
     os::unix::{
         ffi::OsStrExt,
         fs::{FileExt, FileTypeExt, MetadataExt},
@@ -33,6 +33,7 @@ use std::{
 use tar::{Builder, EntryType, Header, HeaderMode};
 
 use super::{
+    aligned,
     apply::WHITEOUT,
     clones::{Clones, Stored},
     precopy::{pax_key, Pax, Stamp, TakenFiles},
@@ -214,8 +215,21 @@ impl Snapshot {
         builder.mode(HeaderMode::Complete);
         builder.follow_symlinks(false);
         let store = self.clones.as_ref();
+        // A pax header is held back for its entry: a large file's takes its padding (see
+        // `aligned`), and a reader allows only one before each entry.
+        let mut pax: Option<Pax> = None;
         for op in self.ops {
-            write_op(&mut builder, op, store)
+            let wrote = match op {
+                Op::Pax(p) => {
+                    let earlier = pax.replace(p);
+                    earlier.map_or(Ok(()), |p| write_op(&mut builder, Op::Pax(p), store))
+                }
+                op => write_entry(&mut builder, op, pax.take(), store),
+            };
+            wrote.map_err(Error::io(format!("write {}", tar_path.display())))?;
+        }
+        if let Some(p) = pax {
+            write_op(&mut builder, Op::Pax(p), store)
                 .map_err(Error::io(format!("write {}", tar_path.display())))?;
         }
         // No fsync: containerd reads the directory into its content store at once,
@@ -278,6 +292,55 @@ impl Read for Exact<'_> {
         self.left -= n as u64;
         Ok(n)
     }
+}
+
+/// Writes `op` with the pax records held for it: a large file's data on a block boundary, every
+/// other entry as [`write_op`] does.
+fn write_entry(
+    b: &mut Builder<BufWriter<File>>,
+    op: Op,
+    pax: Option<Pax>,
+    store: Option<&Clones>,
+) -> io::Result<()> {
+    let op = match op {
+        Op::File {
+            head,
+            path,
+            size,
+            data,
+            segments: None,
+        } if size >= aligned::ALIGN_MIN => {
+            let mut header = head.header();
+            header.set_size(size);
+            let pos = b.get_mut().stream_position()?;
+            if let Some(prelude) = aligned::prelude(pos, &header, &path, pax.as_ref())? {
+                let live;
+                let pieces = match (&data, store) {
+                    (Data::At(s), Some(store)) => store.pieces(s, size),
+                    (Data::At(_), None) => {
+                        return Err(io::Error::other("a cloned file without its clone store"))
+                    }
+                    (Data::Live(full), _) => {
+                        live = File::open(full)?;
+                        vec![(&live, 0, size)]
+                    }
+                };
+                return aligned::append(b.get_mut(), &prelude, &pieces, size);
+            }
+            Op::File {
+                head,
+                path,
+                size,
+                data,
+                segments: None,
+            }
+        }
+        op => op,
+    };
+    if let Some(p) = pax {
+        write_op(b, Op::Pax(p), store)?;
+    }
+    write_op(b, op, store)
 }
 
 fn write_op(b: &mut Builder<BufWriter<File>>, op: Op, store: Option<&Clones>) -> io::Result<()> {

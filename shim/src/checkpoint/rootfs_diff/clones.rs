@@ -163,6 +163,15 @@ impl Clones {
         Ok(Stored { at, head, tail_at })
     }
 
+    /// Where a stored file of `size` bytes is: (file, offset, length) in order.
+    pub fn pieces(&self, s: &Stored, size: u64) -> Vec<(&File, u64, u64)> {
+        let head = s.head.min(size);
+        vec![
+            (&self.file, s.at, head),
+            (&self.tails, s.tail_at, size - head),
+        ]
+    }
+
     /// Reads a stored file's bytes at `off` (of the file).
     pub fn read_at(&self, s: &Stored, buf: &mut [u8], off: u64) -> io::Result<usize> {
         if off < s.head {

@@ -2,6 +2,7 @@
 //! `rootfs-diff.tar` + `deleted.files` (the names Podman and CRI-O use), and
 //! applied to a fresh rootfs without ever writing outside it.
 
+mod aligned;
 mod apply;
 mod capture;
 mod clones;

@@ -1576,6 +1576,95 @@ fn a_reflink_snapshot_is_archived_as_it_was_taken() {
     assert_eq!(&sparse[32 << 20..(32 << 20) + 6], b"middle");
 }
 
+/// The bytes of `file` in `[from, from + len)` that FIEMAP says share their extents with
+/// another file.
+fn shared_bytes(file: &fs::File, from: u64, len: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    // struct fiemap, then its extents (56 bytes each), as the kernel lays them out.
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xc020_660b;
+    const FIEMAP_FLAG_SYNC: u32 = 1;
+    const FIEMAP_EXTENT_SHARED: u32 = 0x2000;
+    const N: usize = 256;
+    let mut buf = vec![0u64; (32 + 56 * N) / 8];
+    buf[0] = from;
+    buf[1] = len;
+    // fm_flags (u32) and fm_extent_count (u32, after fm_mapped_extents).
+    buf[2] = u64::from(FIEMAP_FLAG_SYNC);
+    buf[3] = N as u64;
+    // SAFETY: the buffer is a fiemap with room for N extents, alive through the call.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    assert_eq!(r, 0, "FIEMAP: {}", io::Error::last_os_error());
+    let mapped = (buf[2] >> 32) as usize;
+    let mut shared = 0;
+    for i in 0..mapped.min(N) {
+        let e = &buf[4 + i * 7..4 + (i + 1) * 7];
+        let (logical, length, flags) = (e[0], e[2], e[5] as u32);
+        if flags & FIEMAP_EXTENT_SHARED != 0 {
+            let start = logical.max(from);
+            let end = (logical + length).min(from + len);
+            shared += end.saturating_sub(start);
+        }
+    }
+    shared
+}
+
+/// The reflink path writes a large file into the archive on a block boundary, so that the archive
+/// shares its extents instead of holding a copy: with the archive on the same xfs, every block of
+/// its data is shared, and the file comes back whole. A small file stays where it falls.
+#[test]
+fn a_large_file_is_cloned_into_the_archive_on_a_block_boundary() {
+    let top = tempfile::tempdir().unwrap();
+    let xfs = XfsMount::new(top.path());
+    let upper = xfs.0.join("snap/fs");
+    fs::create_dir_all(&upper).unwrap();
+    let big: Vec<u8> = (0..5 * 1024 * 1024 + 321)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
+    fs::write(
+        upper.join("a-small"),
+        "leads, so that big does not start aligned",
+    )
+    .unwrap();
+    fs::write(upper.join("big"), &big).unwrap();
+    let overlay = Overlay {
+        upper: upper.clone(),
+        lowers: vec![],
+    };
+    let snap = Snapshot::precopy(&overlay)
+        .unwrap()
+        .expect("xfs with reflink=1 clones extents")
+        .again(&overlay)
+        .unwrap();
+    let out = xfs.0.join("out");
+    fs::create_dir(&out).unwrap();
+    snap.write(&out).unwrap();
+
+    let tar_path = out.join(ROOTFS_DIFF);
+    let mut archive = tar::Archive::new(fs::File::open(&tar_path).unwrap());
+    let mut at = None;
+    for e in archive.entries().unwrap() {
+        let e = e.unwrap();
+        match &*e.path_bytes() {
+            b"big" => at = Some(e.raw_file_position()),
+            b"a-small" => assert_ne!(e.raw_file_position() % 4096, 0, "no padding for it"),
+            _ => {}
+        }
+    }
+    let at = at.expect("big is in the archive");
+    assert_eq!(at % 4096, 0, "big's data at {at}");
+    let whole = big.len() as u64 / 4096 * 4096;
+    let tar = fs::File::open(&tar_path).unwrap();
+    assert_eq!(
+        shared_bytes(&tar, at, whole),
+        whole,
+        "big's blocks are shared"
+    );
+
+    let (_t, rootfs) = rootfs_sandbox();
+    apply(&out, &rootfs).unwrap();
+    assert_eq!(fs::read(rootfs.join("big")).unwrap(), big);
+}
+
 /// No reflink where the filesystem cannot clone (tmpfs): the copying path.
 #[test]
 fn no_clones_where_the_filesystem_cannot_make_them() {
