@@ -17,13 +17,12 @@
 use std::{
     fs::File,
     io::{self, BufWriter, Seek, SeekFrom, Write},
-    os::{fd::AsRawFd, unix::fs::FileExt},
     path::Path,
 };
 
 use tar::{Builder, Header, HeaderMode};
 
-use super::precopy::Pax;
+use super::{copy, precopy::Pax};
 
 /// Files this large or larger get aligned data.
 pub(super) const ALIGN_MIN: u64 = 1 << 20;
@@ -94,75 +93,16 @@ pub(super) fn append(
     let out = w.get_ref();
     let mut at = start;
     for &(src, off, len) in pieces {
-        copy_exact(src, off, out, at, len)?;
+        copy::copy_exact(src, off, out, at, len)?;
         at += len;
     }
     if at < start + size {
-        zeros(out, at, start + size - at)?;
+        copy::zeros(out, at, start + size - at)?;
     }
     let end = start + size;
     w.get_mut().seek(SeekFrom::Start(end))?;
     let pad = (512 - end % 512) % 512;
     w.write_all(&[0u8; 512][..pad as usize])
-}
-
-/// Copies `len` bytes of `src` at `off` into `out` at `at`: copy_file_range (a clone where the
-/// file system can, else a copy in the kernel), through a buffer where that is refused. A
-/// source shorter than `len` leaves zeros.
-pub(super) fn copy_exact(src: &File, off: u64, out: &File, at: u64, len: u64) -> io::Result<()> {
-    let mut off_in = off as libc::loff_t;
-    let mut off_out = at as libc::loff_t;
-    let mut left = len;
-    while left > 0 {
-        let chunk = left.min(1 << 30) as usize;
-        // SAFETY: both descriptors are open; the offsets are loff_ts we own.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                out.as_raw_fd(),
-                &mut off_out,
-                chunk,
-                0,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => break,
-                _ => return Err(e),
-            }
-        }
-        if n == 0 {
-            return zeros(out, off_out as u64, left);
-        }
-        left -= n as u64;
-    }
-    buffered(src, off_in as u64, out, off_out as u64, left)
-}
-
-fn buffered(src: &File, mut off: u64, out: &File, mut at: u64, mut left: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; left.min(1 << 20) as usize];
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = src.read_at(&mut buf[..want], off)?;
-        if n == 0 {
-            return zeros(out, at, left);
-        }
-        out.write_all_at(&buf[..n], at)?;
-        (off, at, left) = (off + n as u64, at + n as u64, left - n as u64);
-    }
-    Ok(())
-}
-
-fn zeros(out: &File, mut at: u64, mut left: u64) -> io::Result<()> {
-    let buf = vec![0u8; left.min(1 << 20) as usize];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        out.write_all_at(&buf[..n], at)?;
-        (at, left) = (at + n as u64, left - n as u64);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -261,26 +201,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// A source shorter than the entry says leaves zeros, and the archive stays readable.
-    #[test]
-    fn a_short_source_leaves_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let src_path = dir.path().join("src");
-        std::fs::write(&src_path, vec![9u8; 5000]).unwrap();
-        let src = File::open(&src_path).unwrap();
-        let out = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("out"))
-            .unwrap();
-        copy_exact(&src, 1000, &out, 4096, 6000).unwrap();
-        let mut got = vec![0u8; 10096];
-        out.read_exact_at(&mut got, 0).unwrap();
-        assert!(got[4096..8096].iter().all(|&b| b == 9));
-        assert!(got[8096..].iter().all(|&b| b == 0));
     }
 }

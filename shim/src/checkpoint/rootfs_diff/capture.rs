@@ -252,6 +252,17 @@ impl Snapshot {
     }
 }
 
+impl Data {
+    /// Where the bytes are read from: the upper's file, opened now, or the clone store.
+    fn source<'a>(&self, store: Option<&'a Clones>) -> io::Result<Source<'a>> {
+        match (self, store) {
+            (Data::At(s), Some(store)) => Ok(Source::Stored(store, *s)),
+            (Data::At(_), None) => Err(io::Error::other("a cloned file without its clone store")),
+            (Data::Live(full), _) => Ok(Source::Live(File::open(full)?)),
+        }
+    }
+}
+
 /// A file's bytes, wherever the snapshot left them.
 pub(super) enum Source<'a> {
     Live(File),
@@ -259,6 +270,14 @@ pub(super) enum Source<'a> {
 }
 
 impl Source<'_> {
+    /// Where the first `size` bytes are: (file, offset, length), in order.
+    fn pieces(&self, size: u64) -> Vec<(&File, u64, u64)> {
+        match self {
+            Source::Live(f) => vec![(f, 0, size)],
+            Source::Stored(c, s) => c.pieces(s, size),
+        }
+    }
+
     /// Reads at `off` of the file; a read past its end gives 0.
     pub(super) fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         match self {
@@ -302,41 +321,24 @@ fn write_entry(
     pax: Option<Pax>,
     store: Option<&Clones>,
 ) -> io::Result<()> {
-    let op = match op {
-        Op::File {
-            head,
-            path,
-            size,
-            data,
-            segments: None,
-        } if size >= aligned::ALIGN_MIN => {
+    if let Op::File {
+        head,
+        path,
+        size,
+        data,
+        segments: None,
+    } = &op
+    {
+        if *size >= aligned::ALIGN_MIN {
             let mut header = head.header();
-            header.set_size(size);
+            header.set_size(*size);
             let pos = b.get_mut().stream_position()?;
-            if let Some(prelude) = aligned::prelude(pos, &header, &path, pax.as_ref())? {
-                let live;
-                let pieces = match (&data, store) {
-                    (Data::At(s), Some(store)) => store.pieces(s, size),
-                    (Data::At(_), None) => {
-                        return Err(io::Error::other("a cloned file without its clone store"))
-                    }
-                    (Data::Live(full), _) => {
-                        live = File::open(full)?;
-                        vec![(&live, 0, size)]
-                    }
-                };
-                return aligned::append(b.get_mut(), &prelude, &pieces, size);
-            }
-            Op::File {
-                head,
-                path,
-                size,
-                data,
-                segments: None,
+            if let Some(prelude) = aligned::prelude(pos, &header, path, pax.as_ref())? {
+                let src = data.source(store)?;
+                return aligned::append(b.get_mut(), &prelude, &src.pieces(*size), *size);
             }
         }
-        op => op,
-    };
+    }
     if let Some(p) = pax {
         write_op(b, Op::Pax(p), store)?;
     }
@@ -368,13 +370,7 @@ fn write_op(b: &mut Builder<BufWriter<File>>, op: Op, store: Option<&Clones>) ->
             segments,
         } => {
             let mut header = head.header();
-            let src = match (data, store) {
-                (Data::At(s), Some(store)) => Source::Stored(store, s),
-                (Data::At(_), None) => {
-                    return Err(io::Error::other("a cloned file without its clone store"))
-                }
-                (Data::Live(full), _) => Source::Live(File::open(full)?),
-            };
+            let src = data.source(store)?;
             match segments {
                 Some(segments) => {
                     sparse::write_entry(

@@ -8,6 +8,7 @@
 //! block, is copied into a second file. Neither file has a name: nothing is left behind on disk,
 //! whatever happens to the shim.
 
+use super::copy;
 use std::{
     fs::{self, File, OpenOptions},
     io,
@@ -44,26 +45,6 @@ fn clone_range(src: &File, dest: &File, at: u64, len: u64) -> io::Result<()> {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
     }
-}
-
-/// Copies `len` bytes of `src` from offset 0 into `dest` at `at`, through a buffer (a file shorter
-/// than its stat said leaves zeros).
-fn copy_range(src: &File, dest: &File, at: u64, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; len.min(1 << 20) as usize];
-    let mut off = 0;
-    while off < len {
-        let want = (len - off).min(buf.len() as u64) as usize;
-        let n = match src.read_at(&mut buf[..want], off)? {
-            0 => {
-                buf[..want].fill(0);
-                want
-            }
-            n => n,
-        };
-        dest.write_all_at(&buf[..n], at + off)?;
-        off += n as u64;
-    }
-    Ok(())
 }
 
 /// Where one file's bytes are in the store: `head` bytes at `at` in the clones, the rest at
@@ -138,7 +119,7 @@ impl Clones {
             match clone_range(src, &self.file, at, head) {
                 Ok(()) => self.cloned += head,
                 Err(_) => {
-                    copy_range(src, &self.file, at, head)?;
+                    copy::fill(src, 0, &self.file, at, head)?;
                     self.copied += head;
                 }
             }

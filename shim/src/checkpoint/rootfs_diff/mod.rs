@@ -6,6 +6,7 @@ mod aligned;
 mod apply;
 mod capture;
 mod clones;
+mod copy;
 mod fsat;
 pub(crate) mod limits;
 mod precopy;

@@ -23,7 +23,11 @@ use std::{
 
 use tar::Header;
 
-use super::{apply::finish_fd, apply::Xattrs, fsat};
+use super::{
+    apply::{finish_fd, Xattrs},
+    copy::{self, Kernel},
+    fsat,
+};
 use crate::{
     checkpoint::layout::ROOTFS_DIFF,
     error::{Error, Result},
@@ -299,43 +303,23 @@ impl Copier {
         out_offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let mut off = offset as libc::loff_t;
-        let mut off_out = out_offset as libc::loff_t;
-        let mut left = len;
-        while left > 0 && !self.no_cfr {
-            let chunk = left.min(1 << 30) as usize;
-            // SAFETY: both descriptors are open; the offsets are loff_ts we own.
-            let n = unsafe {
-                libc::copy_file_range(
-                    archive.as_raw_fd(),
-                    &mut off,
-                    out.as_raw_fd(),
-                    &mut off_out,
-                    chunk,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                        self.no_cfr = true;
-                    }
-                    _ => return Err(e),
+        let (mut off, mut off_out, mut left) = (offset, out_offset, len);
+        if !self.no_cfr {
+            match copy::in_kernel(archive, &mut off, out, &mut off_out, len)? {
+                Kernel::Done => left = 0,
+                Kernel::Ended(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Kernel::Refused(l) => {
+                    self.no_cfr = true;
+                    left = l;
                 }
-                break;
             }
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            left -= n as u64;
         }
         if left > 0 && !self.no_sendfile {
-            left = self.sendfile(archive, &mut off, out, off_out as u64, left)?;
-            off_out = (out_offset + len - left) as libc::loff_t;
+            let mut off_sf = off as libc::loff_t;
+            left = self.sendfile(archive, &mut off_sf, out, off_out, left)?;
+            (off, off_out) = (off_sf as u64, out_offset + len - left);
         }
-        self.buffered(archive, off as u64, out, off_out as u64, left)
+        self.buffered(archive, off, out, off_out, left)
     }
 
     /// sendfile writes at `out`'s file position: it is set to `out_offset` first. Returns what
