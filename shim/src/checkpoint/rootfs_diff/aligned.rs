@@ -10,9 +10,11 @@
 //!
 //! The padding costs at most 4.5 KiB per file of at least [`ALIGN_MIN`] (under 0.5%).
 //!
-//! The apply does not clone out of the archive, though it could on one file system: containerd
-//! has just written the archive, and a clone makes the file system write those dirty pages to
-//! disk first, inside Create. On a slow disk that is far slower than a copy into the page cache.
+//! The apply clones out of the archive only what is already on disk: on the rootfs's file system,
+//! `copy_file_range` would clone an aligned file too, but containerd has just written the
+//! archive, and a clone makes the file system write those dirty pages to disk first, inside
+//! Create. On a slow disk that is far slower than a copy into the page cache; such a file is
+//! copied (see `writers::Copier`).
 
 use std::{
     fs::File,

@@ -89,6 +89,49 @@ pub(super) fn fill(
     Ok(())
 }
 
+/// Whether the page cache holds pages of `file` in `[off, off + len)` that are not yet on disk
+/// (dirty or being written back), by cachestat(2) (Linux 6.5). `None` where the kernel cannot
+/// say. A clone of such a range (what `copy_file_range` does on xfs and btrfs when the offsets
+/// fall on block boundaries) first makes the file system write them to disk.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(super) fn unwritten(file: &File, off: u64, len: u64) -> Option<bool> {
+    // The number in the generic syscall table, which x86_64 shares for calls this new.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        cache: u64,
+        dirty: u64,
+        writeback: u64,
+        evicted: u64,
+        recently_evicted: u64,
+    }
+    let range = Range { off, len };
+    let mut stat = Stat::default();
+    // SAFETY: the descriptor is open; both structs are laid out as the kernel's and outlive the
+    // call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    (r == 0).then_some(stat.dirty + stat.writeback > 0)
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub(super) fn unwritten(_: &File, _: u64, _: u64) -> Option<bool> {
+    None
+}
+
 /// Writes `left` zero bytes into `out` at `at`.
 pub(super) fn zeros(out: &File, mut at: u64, mut left: u64) -> io::Result<()> {
     let buf = vec![0u8; left.min(1 << 20) as usize];

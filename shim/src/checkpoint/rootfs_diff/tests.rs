@@ -1665,6 +1665,58 @@ fn a_large_file_is_cloned_into_the_archive_on_a_block_boundary() {
     assert_eq!(fs::read(rootfs.join("big")).unwrap(), big);
 }
 
+/// The apply clones a large file out of an archive on the rootfs's file system only where the
+/// archive is on disk. From one just written (as containerd's unpacked copy is at every Create),
+/// a clone would make xfs write the archive to disk first, inside Create: the file is copied.
+/// From one already on disk (a checkpoint directory the caller keeps), it is cloned.
+#[test]
+fn the_apply_clones_out_of_the_archive_only_what_is_on_disk() {
+    let top = tempfile::tempdir().unwrap();
+    let xfs = XfsMount::new(top.path());
+    let upper = top.path().join("upper");
+    fs::create_dir(&upper).unwrap();
+    let big: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 253) as u8).collect();
+    fs::write(upper.join("big"), &big).unwrap();
+    let made = top.path().join("made");
+    fs::create_dir(&made).unwrap();
+    capture(
+        &Overlay {
+            upper,
+            lowers: vec![],
+        },
+        &made,
+    )
+    .unwrap();
+    // Written, not cloned or copied in the kernel: its pages are dirty, as containerd's are.
+    let ckpt = xfs.0.join("ckpt");
+    fs::create_dir(&ckpt).unwrap();
+    for f in [ROOTFS_DIFF, DELETED_FILES] {
+        fs::write(ckpt.join(f), fs::read(made.join(f)).unwrap()).unwrap();
+    }
+    let tar = fs::File::open(ckpt.join(ROOTFS_DIFF)).unwrap();
+    let len = tar.metadata().unwrap().len();
+    assert_eq!(super::copy::unwritten(&tar, 0, len), Some(true));
+
+    let restored = |name: &str| {
+        let rootfs = xfs.0.join(name);
+        fs::create_dir(&rootfs).unwrap();
+        apply(&ckpt, &rootfs).unwrap();
+        let f = fs::File::open(rootfs.join("big")).unwrap();
+        assert_eq!(fs::read(rootfs.join("big")).unwrap(), big, "{name}");
+        shared_bytes(&f, 0, big.len() as u64)
+    };
+    assert_eq!(restored("from-dirty"), 0, "copied, not cloned");
+    assert_eq!(
+        super::copy::unwritten(&tar, 0, len),
+        Some(true),
+        "not flushed"
+    );
+
+    tar.sync_all().unwrap();
+    assert_eq!(super::copy::unwritten(&tar, 0, len), Some(false));
+    assert_eq!(restored("from-disk"), big.len() as u64, "cloned");
+}
+
 /// No reflink where the filesystem cannot clone (tmpfs): the copying path.
 #[test]
 fn no_clones_where_the_filesystem_cannot_make_them() {

@@ -24,6 +24,7 @@ use std::{
 use tar::Header;
 
 use super::{
+    aligned,
     apply::{finish_fd, Xattrs},
     copy::{self, Kernel},
     fsat,
@@ -281,6 +282,19 @@ fn data_error(e: io::Error, rel: &Path, len: u64, shown: &str) -> Error {
     }
 }
 
+/// Whether `copy_file_range` of `len` bytes at `offset` of the archive may make the file system
+/// write the archive's dirty pages to disk first: where it clones (xfs, btrfs, with the rootfs on
+/// the same file system), it can only from a block boundary, and a clone needs the source on
+/// disk. containerd has just written the archive, so inside Create that write would cost the
+/// disk's speed, not the page cache's: such a range is copied with sendfile instead, which never
+/// clones. A range already on disk is cloned, which costs nothing (a checkpoint directory the
+/// caller keeps, restored again). Where the kernel cannot say (before Linux 6.5), as before.
+fn flushes(archive: &File, offset: u64, len: u64) -> bool {
+    offset.is_multiple_of(aligned::BLOCK)
+        && len >= aligned::BLOCK
+        && copy::unwritten(archive, offset, len).unwrap_or(false)
+}
+
 /// Copies file data from the archive: with copy_file_range, so that the data never passes
 /// through user space; where the file systems cannot do that (an overlay rootfs and the
 /// archive's file system), with sendfile, which still copies in the kernel, page cache to page
@@ -304,7 +318,7 @@ impl Copier {
         len: u64,
     ) -> io::Result<()> {
         let (mut off, mut off_out, mut left) = (offset, out_offset, len);
-        if !self.no_cfr {
+        if !self.no_cfr && !flushes(archive, offset, len) {
             match copy::in_kernel(archive, &mut off, out, &mut off_out, len)? {
                 Kernel::Done => left = 0,
                 Kernel::Ended(_) => return Err(io::ErrorKind::UnexpectedEof.into()),
