@@ -222,6 +222,13 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
         pause(cd, id);
         std::thread::sleep(Duration::from_millis(3500)); // the CRI's pause window (3 s) passing
         give_up_on(&mut api, None, "a checkpoint of a task its user paused");
+        // CRIU thaws the cgroup once it has seized the tasks and freezes it again at the end: the
+        // dump, which goes on without its caller, is over when the cgroup is FROZEN again.
+        let paused_and_frozen = || {
+            let paused = cd.task(id).map(|t| t.status) == Some("PAUSED".to_string());
+            (paused && freezer_state(cd, id).as_deref() == Some("FROZEN")).then_some(())
+        };
+        poll("the dump ends with the task PAUSED and FROZEN", T, paused_and_frozen);
         std::thread::sleep(Duration::from_secs(1)); // a resume, if one were coming, would be here
         assert_eq!(cd.task(id).map(|t| t.status).as_deref(), Some("PAUSED"));
         assert_eq!(freezer_state(cd, id).as_deref(), Some("FROZEN"));
