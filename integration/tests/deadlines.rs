@@ -228,7 +228,11 @@ fn cri_checkpoint_whose_caller_gives_up_is_resumed_by_the_shim_custom() {
             let paused = cd.task(id).map(|t| t.status) == Some("PAUSED".to_string());
             (paused && freezer_state(cd, id).as_deref() == Some("FROZEN")).then_some(())
         };
-        poll("the dump ends with the task PAUSED and FROZEN", T, paused_and_frozen);
+        poll(
+            "the dump ends with the task PAUSED and FROZEN",
+            T,
+            paused_and_frozen,
+        );
         std::thread::sleep(Duration::from_secs(1)); // a resume, if one were coming, would be here
         assert_eq!(cd.task(id).map(|t| t.status).as_deref(), Some("PAUSED"));
         assert_eq!(freezer_state(cd, id).as_deref(), Some("FROZEN"));

@@ -132,7 +132,7 @@ impl LazyDaemon {
             (_, Err(e)) => e.to_string(),
             (_, Ok(_)) => std::fs::read_to_string(&log)
                 .ok()
-                .and_then(|t| super::super::criu_error_line(&t))
+                .and_then(|t| super::super::criu_log::criu_error_line(&t))
                 .unwrap_or_default(),
         };
         if let Some(keep) = keep_log {
