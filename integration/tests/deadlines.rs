@@ -338,6 +338,11 @@ fn restore_whose_caller_gives_up_custom() {
             .expect("the shim's restore record in the bundle");
         let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
         let apply_ms = ms(&record, "apply_ms");
+        assert_eq!(
+            record["archive_used_up"].as_bool(),
+            Some(true),
+            "the apply uses up containerd's own unpacked copy: {record}"
+        );
         let started = Instant::now();
         let r0 = api
             .start("r0", "")

@@ -73,9 +73,14 @@ impl RestoreSource {
         let started = Instant::now();
         let (dir, rootfs) = (files_dir(checkpoint), t.rootfs.to_path_buf());
         let bundle = t.bundle.to_path_buf();
+        // containerd's own copy, removed after Start: the apply may use up its archive.
+        let consume = containerd_temp(checkpoint) && dir == checkpoint;
         let applied = match files {
             FilesBy::Shim => tokio::task::spawn_blocking(move || {
-                let mut stats = rootfs_diff::apply(&dir, &rootfs)?;
+                let mut stats = match consume {
+                    true => rootfs_diff::apply_consuming(&dir, &rootfs)?,
+                    false => rootfs_diff::apply(&dir, &rootfs)?,
+                };
                 let vols = volumes::apply(&dir, &bundle)?;
                 stats.bytes += vols.bytes;
                 stats.entries += vols.entries;
@@ -104,6 +109,8 @@ impl RestoreSource {
         let record = serde_json::json!({
             "rootfs_diff_by": files,
             "apply_ms": apply_ms,
+            // The archive was containerd's own copy, used up by the apply (large files last).
+            "archive_used_up": consume && files == FilesBy::Shim,
             "rootfs_diff_bytes": stats.bytes,
             "rootfs_diff_entries": stats.entries,
             "deleted_files": stats.deleted,
@@ -199,15 +206,20 @@ impl RestoreSource {
         if self.own_work {
             let _ = fs::remove_dir_all(&self.work);
         }
-        let containerd_temp = self
-            .origin
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("ctrd-checkpoint"));
-        if containerd_temp {
+        if containerd_temp(&self.origin) {
             remove_in_background(self.origin);
         }
     }
+}
+
+/// Whether `checkpoint` is containerd's own unpacked copy of a checkpoint blob
+/// (`ctrd-checkpoint*`, made for one Create and never removed by containerd 2.x): the shim's to
+/// use up and remove. Any other directory is the caller's.
+fn containerd_temp(checkpoint: &Path) -> bool {
+    checkpoint
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("ctrd-checkpoint"))
 }
 
 /// Removals of containerd's copies of the images still under way.

@@ -257,17 +257,25 @@ fn read_deleted_files(path: &Path) -> Result<Option<Vec<u8>>> {
 /// Applies a checkpoint's `deleted.files` then `rootfs-diff.tar` (either may
 /// be missing: a checkpoint of the Go shim has neither) to `rootfs`.
 pub fn apply(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
-    apply_to(dir, rootfs, false)
+    apply_to(dir, rootfs, false, false)
+}
+
+/// [`apply`] from an archive that is the apply's to use up: containerd's own unpacked copy of
+/// the checkpoint (`ctrd-checkpoint*`), which the shim removes after Start and nobody reads
+/// again. Its large files are copied last, from the archive's end backwards, and the archive is
+/// cut short behind each piece (see [`Consumed`]).
+pub fn apply_consuming(dir: &Path, rootfs: &Path) -> Result<DiffStats> {
+    apply_to(dir, rootfs, false, true)
 }
 
 /// [`apply`] into a directory of the host (a volume's bind-mount source):
 /// no setuid, setgid or sticky bits, and no `security.*` or `trusted.*`
 /// xattrs (file capabilities among them) come from the archive.
 pub fn apply_to_host_dir(dir: &Path, target: &Path) -> Result<DiffStats> {
-    apply_to(dir, target, true)
+    apply_to(dir, target, true, false)
 }
 
-fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
+fn apply_to(dir: &Path, rootfs: &Path, host: bool, consume: bool) -> Result<DiffStats> {
     let mask = if host { 0o777 } else { 0o7777 };
     let root = Root::open(rootfs)?;
     let mut stats = DiffStats::default();
@@ -286,7 +294,11 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
         Err(e) => return Err(e),
     }
     let tar_path = dir.join(ROOTFS_DIFF);
-    let Some(file) = limits::open_regular(&tar_path)? else {
+    let opened = match consume {
+        true => limits::open_regular_rw(&tar_path)?,
+        false => limits::open_regular(&tar_path)?,
+    };
+    let Some(file) = opened else {
         return Ok(stats);
     };
     // What the tar reader would hold in memory whole is bounded first.
@@ -319,6 +331,7 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
     });
     let target = writers.target();
     let data = &target.data;
+    let mut consumed = Consumed::new(consume);
     for entry in entries {
         // Given back only once this entry's parent is resolved: an entry that goes another way
         // (a whiteout) drops it.
@@ -398,6 +411,17 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
                 }
                 dirs.push((rel, header, xattrs));
             }
+            EntryType::Regular | EntryType::Continuous if consumed.takes(entry.size()) => {
+                let file = create_replacing(pfd, &cname, || root.show(&rel))?;
+                consumed.push(Later {
+                    file,
+                    rel,
+                    offset: entry.raw_file_position(),
+                    len: entry.size(),
+                    header,
+                    xattrs,
+                });
+            }
             EntryType::Regular | EntryType::Continuous => {
                 writers.write(Job {
                     parent: pfd_arc.clone(),
@@ -438,6 +462,7 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
     }
     writers.drain()?;
     stats.bytes += writers.bytes();
+    stats.bytes += consumed.finish(data, writers.copier(), &root, mask)?;
     for (rel, header, xattrs) in dirs.into_iter().rev() {
         let c = fsat::cstring(rel.as_os_str()).map_err(|_| bad_name(&rel))?;
         let fd = match fsat::open_beneath(root.fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY) {
@@ -461,6 +486,87 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool) -> Result<DiffStats> {
         finish_fd(fd.as_fd(), &header, &xattrs, &rel, mask)?;
     }
     Ok(stats)
+}
+
+/// The large files of an archive the apply uses up, written last.
+///
+/// containerd unpacks the checkpoint for every Create, so when the apply begins, its copy of the
+/// archive is in the page cache, dirty, beside containerd's own copy of the blob. Copying a 1 GiB
+/// file from it adds another 1 GiB of dirty pages: past the kernel's dirty limits, every write
+/// of the apply then waits on the disk's writeback, which is mostly writing an archive that is
+/// about to be deleted. So where the archive is the apply's to use up, each large file is created
+/// in its turn (every path is still resolved in archive order, and later entries see it there),
+/// but its data is copied once every other entry is applied: the files from the last to the
+/// first, each from its end in [`Consumed::PIECE`]s, the archive truncated behind every piece.
+/// Truncating drops those pages, dirty or not, and nothing of them is ever written to disk: the
+/// page cache holds about one copy of the data instead of two.
+struct Consumed {
+    on: bool,
+    later: Vec<Later>,
+}
+
+/// A large file created in its turn, its data still in the archive.
+struct Later {
+    file: File,
+    rel: PathBuf,
+    offset: u64,
+    len: u64,
+    header: Header,
+    xattrs: Xattrs,
+}
+
+impl Consumed {
+    /// Files this large or larger wait.
+    const MIN: u64 = super::aligned::ALIGN_MIN;
+    /// At most this many wait (each holds its file open); later ones are written in their turn.
+    const MAX_FILES: usize = 256;
+    /// Copied and cut off at a time.
+    const PIECE: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+
+    fn new(on: bool) -> Self {
+        Consumed {
+            on,
+            later: Vec::new(),
+        }
+    }
+
+    /// Whether a regular file of `len` bytes waits.
+    fn takes(&self, len: u64) -> bool {
+        self.on && len >= Self::MIN && self.later.len() < Self::MAX_FILES
+    }
+
+    fn push(&mut self, later: Later) {
+        self.later.push(later);
+    }
+
+    /// Copies every waiting file's data and sets its metadata, cutting the archive short behind
+    /// each piece. Only when every other entry is written: from here on, nothing else is read
+    /// from the archive. Returns the bytes written.
+    fn finish(self, archive: &File, copier: &mut Copier, root: &Root, mask: u32) -> Result<u64> {
+        let mut later = self.later;
+        // Tar entries' data never overlap: from the last, everything past a piece's start is
+        // done with once it is copied.
+        later.sort_by_key(|l| std::cmp::Reverse(l.offset));
+        let mut bytes = 0;
+        for l in later {
+            let mut end = l.len;
+            while end > 0 {
+                let start = end.saturating_sub(Self::PIECE);
+                copier
+                    .copy(archive, l.offset + start, &l.file, start, end - start)
+                    .map_err(|e| {
+                        super::writers::data_error(e, &l.rel, l.len, &root.show(&l.rel))
+                    })?;
+                archive
+                    .set_len(l.offset + start)
+                    .map_err(Error::io(format!("cut {ROOTFS_DIFF} short")))?;
+                end = start;
+            }
+            finish_fd(l.file.as_fd(), &l.header, &l.xattrs, &l.rel, mask)?;
+            bytes += l.len;
+        }
+        Ok(bytes)
+    }
 }
 
 /// The type of a refused entry, in words.

@@ -26,8 +26,18 @@ pub const MAX_DELETED_FILES: u64 = 64 << 20;
 /// Opens a diff file of the checkpoint: a regular file, never through a
 /// symlink, never blocking on a fifo. None if it is not there.
 pub fn open_regular(path: &Path) -> Result<Option<File>> {
+    open_checked(path, false)
+}
+
+/// [`open_regular`], for writing too (an archive the apply consumes as it goes).
+pub fn open_regular_rw(path: &Path) -> Result<Option<File>> {
+    open_checked(path, true)
+}
+
+fn open_checked(path: &Path, write: bool) -> Result<Option<File>> {
     let file = match std::fs::OpenOptions::new()
         .read(true)
+        .write(write)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
     {

@@ -21,7 +21,7 @@ use std::{
 };
 
 use crate::error::{Error, Result};
-pub use apply::{apply, apply_to_host_dir};
+pub use apply::{apply, apply_consuming, apply_to_host_dir};
 pub use capture::{capture, Snapshot};
 #[cfg(test)]
 use clones::Clones;

@@ -1894,3 +1894,93 @@ fn stop_walk_speed() {
         (s1 - s0) * 1e3
     );
 }
+
+/// Applying from an archive the apply may use up (containerd's own unpacked copy) restores the
+/// same tree as any apply: large files whole, with their owner, mode, times and hard links, in
+/// pieces from their end; and the archive is cut short behind them, down to the first large
+/// file's data. Any other archive is left whole.
+#[test]
+fn a_consumed_archive_restores_the_same_files_and_is_cut_short() {
+    let top = tempfile::tempdir().unwrap();
+    let upper = top.path().join("upper");
+    fs::create_dir_all(upper.join("d")).unwrap();
+    let bytes = |n: usize, k: usize| -> Vec<u8> { (0..n).map(|i| (i * k % 251) as u8).collect() };
+    let (big1, big2) = (bytes((7 << 19) + 123, 7), bytes((2 << 20) + 7, 13));
+    fs::write(upper.join("a-small"), "before").unwrap();
+    fs::write(upper.join("big1"), &big1).unwrap();
+    fs::hard_link(upper.join("big1"), upper.join("d/link")).unwrap();
+    fs::write(upper.join("d/big2"), &big2).unwrap();
+    fs::set_permissions(upper.join("d/big2"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(upper.join("d/big2"))
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000))
+        .unwrap();
+    fs::write(upper.join("z-small"), "after").unwrap();
+    let out = top.path().join("ckpt");
+    capture_upper(&upper, &out);
+    let tar_path = out.join(ROOTFS_DIFF);
+    let whole = fs::read(&tar_path).unwrap();
+    let first_big = tar::Archive::new(&whole[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.size() >= 1 << 20)
+        .map(|e| e.raw_file_position())
+        .min()
+        .unwrap();
+
+    let check = |rootfs: &Path| {
+        assert_eq!(fs::read(rootfs.join("big1")).unwrap(), big1);
+        assert_eq!(fs::read(rootfs.join("d/big2")).unwrap(), big2);
+        assert_eq!(
+            fs::read_to_string(rootfs.join("a-small")).unwrap(),
+            "before"
+        );
+        assert_eq!(fs::read_to_string(rootfs.join("z-small")).unwrap(), "after");
+        let m = fs::metadata(rootfs.join("d/big2")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(m.mtime(), 1_500_000_000);
+        let (one, two) = (
+            fs::metadata(rootfs.join("big1")).unwrap(),
+            fs::metadata(rootfs.join("d/link")).unwrap(),
+        );
+        assert_eq!(one.ino(), two.ino(), "d/link is big1's hard link");
+    };
+    let (_t1, rootfs) = rootfs_sandbox();
+    apply(&out, &rootfs).unwrap();
+    check(&rootfs);
+    assert_eq!(
+        fs::read(&tar_path).unwrap(),
+        whole,
+        "a plain apply leaves it whole"
+    );
+
+    let (_t2, rootfs) = rootfs_sandbox();
+    apply_consuming(&out, &rootfs).unwrap();
+    check(&rootfs);
+    assert_eq!(fs::metadata(&tar_path).unwrap().len(), first_big);
+}
+
+/// A large file that waits for its data is still where the archive put it when later entries
+/// are applied: one that replaces it with a directory wins, as in archive order, and the data
+/// copied later goes nowhere.
+#[test]
+fn a_consumed_archive_keeps_archive_order() {
+    let big = vec![5u8; (1 << 20) + 10];
+    let ckpt = checkpoint_with(
+        |b| {
+            raw_entry(b, "x", EntryType::Regular, None, &big);
+            raw_entry(b, "x", EntryType::Directory, None, b"");
+            raw_entry(b, "y", EntryType::Regular, None, &big);
+            raw_entry(b, "x/inside", EntryType::Link, Some("y"), b"");
+        },
+        &[],
+    );
+    let (_t, rootfs) = rootfs_sandbox();
+    apply_consuming(ckpt.path(), &rootfs).unwrap();
+    assert!(fs::metadata(rootfs.join("x")).unwrap().is_dir());
+    assert_eq!(fs::read(rootfs.join("x/inside")).unwrap(), big);
+    assert_eq!(fs::read(rootfs.join("y")).unwrap(), big);
+}

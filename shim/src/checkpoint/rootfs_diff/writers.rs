@@ -272,7 +272,7 @@ pub(super) fn create_replacing(
     Ok(File::from(fd))
 }
 
-fn data_error(e: io::Error, rel: &Path, len: u64, shown: &str) -> Error {
+pub(super) fn data_error(e: io::Error, rel: &Path, len: u64, shown: &str) -> Error {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => Error::InvalidArgument(format!(
             "{ROOTFS_DIFF}: {} claims {len} bytes the archive does not hold",
