@@ -109,8 +109,9 @@ impl RestoreSource {
         let record = serde_json::json!({
             "rootfs_diff_by": files,
             "apply_ms": apply_ms,
-            // The archive was containerd's own copy, used up by the apply (large files last).
-            "archive_used_up": consume && files == FilesBy::Shim,
+            // Large files copied from containerd's own copy of the archive, cut short behind them.
+            "archive_used_up": stats.used_up > 0,
+            "archive_used_up_bytes": stats.used_up,
             "rootfs_diff_bytes": stats.bytes,
             "rootfs_diff_entries": stats.entries,
             "deleted_files": stats.deleted,

@@ -294,9 +294,15 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool, consume: bool) -> Result<Diff
         Err(e) => return Err(e),
     }
     let tar_path = dir.join(ROOTFS_DIFF);
-    let opened = match consume {
-        true => limits::open_regular_rw(&tar_path)?,
-        false => limits::open_regular(&tar_path)?,
+    // An archive that cannot be opened for writing (a read-only file system, a mode) is applied
+    // as any other, and left whole.
+    let (opened, consume) = match consume {
+        true => match limits::open_regular_rw(&tar_path) {
+            Ok(f) => (f, true),
+            Err(Error::Io { .. }) => (limits::open_regular(&tar_path)?, false),
+            Err(e) => return Err(e),
+        },
+        false => (limits::open_regular(&tar_path)?, false),
     };
     let Some(file) = opened else {
         return Ok(stats);
@@ -462,7 +468,9 @@ fn apply_to(dir: &Path, rootfs: &Path, host: bool, consume: bool) -> Result<Diff
     }
     writers.drain()?;
     stats.bytes += writers.bytes();
-    stats.bytes += consumed.finish(data, writers.copier(), &root, mask)?;
+    let used_up = consumed.finish(data, writers.copier(), &root, mask)?;
+    stats.bytes += used_up;
+    stats.used_up = used_up;
     for (rel, header, xattrs) in dirs.into_iter().rev() {
         let c = fsat::cstring(rel.as_os_str()).map_err(|_| bad_name(&rel))?;
         let fd = match fsat::open_beneath(root.fd(), &c, libc::O_RDONLY | libc::O_DIRECTORY) {
@@ -518,8 +526,9 @@ struct Later {
 impl Consumed {
     /// Files this large or larger wait.
     const MIN: u64 = super::aligned::ALIGN_MIN;
-    /// At most this many wait (each holds its file open); later ones are written in their turn.
-    const MAX_FILES: usize = 256;
+    /// At most this many wait (each holds its file open, and one shim can restore several
+    /// containers at once); later ones are written in their turn.
+    const MAX_FILES: usize = 64;
     /// Copied and cut off at a time.
     const PIECE: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
 
@@ -551,7 +560,9 @@ impl Consumed {
         for l in later {
             let mut end = l.len;
             while end > 0 {
-                let start = end.saturating_sub(Self::PIECE);
+                // Pieces start on multiples of PIECE from the file's start: block-aligned
+                // wherever its data is, so a range already on disk can still be cloned.
+                let start = (end - 1) / Self::PIECE * Self::PIECE;
                 copier
                     .copy(archive, l.offset + start, &l.file, start, end - start)
                     .map_err(|e| {

@@ -45,6 +45,9 @@ pub struct DiffStats {
     /// recreate them, each as "/path (reason)", e.g. "/tmp/app.sock (socket)".
     /// For the checkpoint metadata.
     pub skipped: Vec<String>,
+    /// Apply only: bytes of large files copied from an archive the apply used up (see
+    /// `apply::Consumed`), the archive cut short behind them.
+    pub used_up: u64,
 }
 
 /// The upperdir and lowerdirs of the overlay mounted at `rootfs`.
